@@ -1,0 +1,1 @@
+"""Neural network modules: DCFormer encoders and the ESICA segmentation model."""
