@@ -15,3 +15,7 @@ class CheckpointError(VoxTextError):
 
 class WeightsNotFoundError(CheckpointError, FileNotFoundError):
     """Weights are not in the cache and cannot be downloaded (offline)."""
+
+
+class Cancelled(VoxTextError):
+    """The user cancelled a running job; nothing was written."""

@@ -135,8 +135,13 @@ class ImageContext:
     embedding: torch.Tensor
     adapted_skips: list[torch.Tensor]
 
-    def select(self, index: torch.Tensor) -> "ImageContext":
-        return ImageContext(self.embedding[index], [s[index] for s in self.adapted_skips])
+    def repeat(self, n: int) -> "ImageContext":
+        """Each window repeated ``n`` times in a row (window-major), as views where possible."""
+
+        def rep(t: torch.Tensor) -> torch.Tensor:
+            return t.unsqueeze(1).expand(t.shape[0], n, *t.shape[1:]).reshape(t.shape[0] * n, *t.shape[1:])
+
+        return ImageContext(rep(self.embedding), [rep(s) for s in self.adapted_skips])
 
 
 class SegDecoder(nn.Module):
