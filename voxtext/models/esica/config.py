@@ -42,6 +42,10 @@ class ESICAConfig:
     decoder_hidden_dim: int = 48
     decoder_kernel_sizes: tuple[int, ...] = (13, 11, 9, 7, 5)
     text_pooling: str = "cls"
+    # "checkpoint": text encoder weights are in model.safetensors (reference);
+    # "text_model": they are loaded from the text model itself (a frozen pretrained encoder).
+    text_weights: str = "checkpoint"
+    target_spacing: float = 1.5  # mm, the isotropic grid the model was trained on
     text_config: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -64,6 +68,8 @@ class ESICAConfig:
             problems.append(f"the last encoder width {self.encoder_channels[-1]} must equal embed_dim {self.embed_dim}")
         if self.text_pooling not in ("cls", "mean"):
             problems.append(f"text_pooling must be 'cls' or 'mean', got {self.text_pooling!r}")
+        if self.text_weights not in ("checkpoint", "text_model"):
+            problems.append(f"text_weights must be 'checkpoint' or 'text_model', got {self.text_weights!r}")
         if problems:
             raise ValueError("invalid ESICA config: " + "; ".join(problems))
 

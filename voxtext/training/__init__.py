@@ -1,0 +1,1 @@
+"""Training of the segmentation model (single process, torchrun DDP)."""
