@@ -1,0 +1,134 @@
+"""Per-stage time and peak memory of whole-volume ESICA segmentation on this machine.
+
+Synthetic 512x512x300 abdominal CT (the procedural phantom), full-size ESICA with
+random weights (timing only), one prompt vs five, fast mode vs the full sliding window.
+The full sliding window at 1.5 mm takes tens of minutes on a 2-core CPU: its time is
+extrapolated from measured per-window costs (``--full`` runs it for real).
+
+    python benchmarks/bench_segment.py [--threads 2] [--full] [--model default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from voxtext.api import QUALITY_PRESETS, Segmenter
+from voxtext.inference import ESICAInferer, WindowConfig, count_windows
+from voxtext.models.esica import ESICA, ESICAConfig
+from voxtext.models.esica.text import load_tokenizer, text_config_for
+from voxtext.phantom import generate_phantom
+from voxtext.preprocess import PreprocessConfig, prepare, restore
+from voxtext.volume import Volume
+
+PROMPTS = ["liver", "left kidney", "right kidney", "spleen", "aorta"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def stage(rows: list, name: str):
+    t0 = time.perf_counter()
+    yield
+    rows.append((name, time.perf_counter() - t0, peak_rss_mb()))
+
+
+def report(title: str, rows: list) -> None:
+    print(f"\n{title}")
+    print(f"| stage | seconds | peak RSS (MB) |\n|---|---:|---:|")
+    for name, sec, mem in rows:
+        print(f"| {name} | {sec:.2f} | {mem:.0f} |")
+
+
+def synthetic_ct() -> Volume:
+    case = generate_phantom(seed=2024, shape=(512, 512, 300), spacing=(0.78, 0.78, 1.5), lesions=1.0)
+    return Volume(case.image.astype(np.float32), case.affine, "CT")
+
+
+def full_size_inferer() -> ESICAInferer:
+    config = ESICAConfig()  # the published ESICA sizes; random weights are enough for timing
+    model = ESICA(config, text_config_for(config.text_model, None, None)).eval()
+    # ClinicalBERT's tokenizer is not available offline; any BERT WordPiece ids < its vocabulary do for timing.
+    tokenizer = load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")
+    return ESICAInferer(model, tokenizer, torch.device("cpu"))
+
+
+def bench_full_size(volume: Volume, run_full: bool) -> None:
+    rows: list = []
+    with stage(rows, "build full-size ESICA (252M params)"):
+        inferer = full_size_inferer()
+    roi = inferer.model.config.image_size
+    for quality in ("fast", "accurate"):
+        preset = QUALITY_PRESETS[quality]
+        with stage(rows, f"[{quality}] preprocess to {preset.spacing_mm} mm"):
+            prepared = prepare(volume, PreprocessConfig(target_spacing=preset.spacing_mm))
+        n = count_windows(prepared.image.shape, roi, preset.overlap)
+        print(f"{quality}: model grid {prepared.image.shape}, {n} windows at overlap {preset.overlap}")
+        for prompts in (PROMPTS[:1], PROMPTS):
+            text = inferer.embed_prompts(prompts)
+            image = torch.from_numpy(prepared.image)
+            if quality == "fast" or run_full:
+                with stage(rows, f"[{quality}] sliding window, {len(prompts)} prompt(s), {n} windows"):
+                    logits = inferer.logits(image, text, WindowConfig(overlap=preset.overlap))
+                with stage(rows, f"[{quality}] restore + threshold, {len(prompts)} prompt(s)"):
+                    for p in range(len(prompts)):
+                        restore(prepared, torch.sigmoid(logits[p]), "linear") > 0.5
+            else:
+                window = torch.rand(1, 1, *roi)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    context = inferer.model.encode_image(window)
+                t_enc = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    inferer.model.decode(context.repeat(len(prompts)), text)
+                t_dec = time.perf_counter() - t0
+                rows.append((f"[{quality}] one window: encode {t_enc:.1f} s + decode {len(prompts)} prompt(s) "
+                             f"{t_dec:.1f} s; x {n} windows (extrapolated)", n * (t_enc + t_dec), peak_rss_mb()))
+    report("Full-size ESICA (random weights), synthetic 512x512x300 CT", rows)
+
+
+def bench_model(volume: Volume, model: str) -> None:
+    rows: list = []
+    with stage(rows, f"load model '{model}'"):
+        segmenter = Segmenter(model, device="cpu")
+    results = {}
+    for quality in ("fast", "accurate"):
+        for prompts in (PROMPTS[:1], PROMPTS):
+            with stage(rows, f"segment [{quality}], {len(prompts)} prompt(s), end to end"):
+                results[quality, len(prompts)] = segmenter.segment(volume, prompts, quality=quality)
+    report(f"Model '{model}', end to end (load, preprocess, windows, restore)", rows)
+    fast, full = results["fast", len(PROMPTS)], results["accurate", len(PROMPTS)]
+    print("\nAgreement of fast mode with the full sliding window (Dice per prompt):")
+    for p in PROMPTS:
+        a, b = fast.mask(p), full.mask(p)
+        denom = a.sum() + b.sum()
+        print(f"| {p} | {2 * (a & b).sum() / denom if denom else 1.0:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--full", action="store_true", help="run the full-size accurate sliding window for real")
+    parser.add_argument("--model", default="default", help="checkpoint for the end-to-end figures")
+    parser.add_argument("--skip-full-size", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows: list = []
+    with stage(rows, "generate synthetic CT 512x512x300"):
+        volume = synthetic_ct()
+    report(f"torch {torch.__version__}, {args.threads} threads", rows)
+    bench_model(volume, args.model)
+    if not args.skip_full_size:
+        bench_full_size(volume, args.full)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""In-memory training cases on the model grid and a text-prompted crop sampler.
+
+A case is an image already prepared exactly as at inference (``voxtext.preprocess``),
+its label map on the same grid, and the targets it can be prompted with. A target
+may cover several label values (an organ with its lesions, a whole tumour).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Target:
+    """A structure that can be prompted: its phrasings and the label values it covers."""
+
+    phrasings: tuple[str, ...]
+    values: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return self.phrasings[0]
+
+
+@dataclass
+class TrainingCase:
+    name: str
+    group: str  # cases of one group share a vocabulary of absent targets (e.g. "abdomen-ct")
+    image: np.ndarray  # float32 (z, y, x) in [0, 1]
+    labels: np.ndarray  # int16 (z, y, x)
+    targets: list[Target]
+    present: list[Target] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.image.shape != self.labels.shape:
+            raise ValueError(f"{self.name}: image {self.image.shape} and labels {self.labels.shape} differ")
+        found = set(np.unique(self.labels).tolist())
+        self.present = [t for t in self.targets if found.intersection(t.values)]
+
+    def mask(self, target: Target) -> np.ndarray:
+        return np.isin(self.labels, target.values)
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: np.ndarray  # (1, r, r, r)
+    label: np.ndarray  # (1, r, r, r) bool
+    prompt: str
+
+
+def crop(array: np.ndarray, centre: Sequence[int], roi: Sequence[int]) -> np.ndarray:
+    """``roi``-sized window centred at ``centre``, zero-padded where it leaves the array."""
+    out = np.zeros(tuple(roi), dtype=array.dtype)
+    src, dst = [], []
+    for c, r, n in zip(centre, roi, array.shape):
+        start = int(c) - r // 2
+        lo, hi = max(start, 0), min(start + r, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start, hi - start))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+class CropSampler:
+    """Endless stream of (crop, binary label, prompt) samples.
+
+    ``pos_ratio``: probability that a crop is centred on a voxel of the target (else anywhere).
+    ``absent_prompt_prob``: probability of prompting a target of the case's group that is
+    absent from the case, with an empty label — clinical users do type absent structures.
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[TrainingCase],
+        roi: Sequence[int],
+        pos_ratio: float = 1.0,
+        absent_prompt_prob: float = 0.0,
+        group_weights: dict[str, float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.cases, self.roi = [c for c in cases if c.present], tuple(roi)
+        self.pos_ratio, self.absent_prompt_prob = pos_ratio, absent_prompt_prob
+        self.rng = random.Random(seed)
+        groups = sorted({c.group for c in self.cases})
+        weights = group_weights or {}
+        self.by_group = {g: [c for c in self.cases if c.group == g] for g in groups}
+        self.group_weights = [weights.get(g, 1.0) for g in groups]
+        self.vocabulary = {g: {t for c in self.by_group[g] for t in c.targets} for g in groups}
+
+    def sample(self) -> Sample:
+        group = self.rng.choices(list(self.by_group), weights=self.group_weights)[0]
+        case = self.rng.choice(self.by_group[group])
+        absent = [t for t in self.vocabulary[group] if t not in case.present]
+        if absent and self.rng.random() < self.absent_prompt_prob:
+            target, mask = self.rng.choice(sorted(absent, key=lambda t: t.name)), None
+        else:
+            target = self.rng.choice(case.present)
+            mask = case.mask(target)
+        if mask is not None and self.rng.random() < self.pos_ratio:
+            voxels = np.flatnonzero(mask)
+            centre = np.unravel_index(voxels[self.rng.randrange(len(voxels))], mask.shape)
+        else:
+            centre = [self.rng.randrange(n) for n in case.image.shape]
+        label = crop(mask, centre, self.roi) if mask is not None else np.zeros(self.roi, dtype=bool)
+        image = augment_intensity(crop(case.image, centre, self.roi), self.rng)
+        return Sample(image[None], label[None], self.rng.choice(target.phrasings))
+
+    def __iter__(self) -> Iterator[Sample]:
+        while True:
+            yield self.sample()
+
+
+def augment_intensity(image: np.ndarray, rng: random.Random) -> np.ndarray:
+    """Random contrast (gamma), scale/shift and noise; background (0) stays 0. No flips: laterality matters."""
+    body = image > 0
+    out = np.clip(image, 0.0, 1.0) ** rng.uniform(0.7, 1.5)
+    out = out * rng.uniform(0.9, 1.1) + rng.uniform(-0.05, 0.05)
+    out = out + np.random.default_rng(rng.randrange(2**31)).normal(0.0, rng.uniform(0.0, 0.03), out.shape)
+    return np.where(body, np.clip(out, 0.0, 1.0), 0.0).astype(np.float32)
+
+
+def collate(samples: Sequence[Sample], tokenizer, max_length: int = 64) -> dict[str, torch.Tensor]:
+    tokens = tokenizer([s.prompt for s in samples], padding=True, truncation=True, max_length=max_length,
+                       return_tensors="pt")
+    return {
+        "image": torch.from_numpy(np.stack([s.image for s in samples])),
+        "label": torch.from_numpy(np.stack([s.label for s in samples])),
+        "input_ids": tokens["input_ids"],
+        "attention_mask": tokens["attention_mask"],
+    }
+
+
+def batch_stream(sampler: CropSampler, tokenizer, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    while True:
+        yield collate([sampler.sample() for _ in range(batch_size)], tokenizer)

@@ -1,0 +1,210 @@
+"""Recipe of the embedded default model: a small ESICA trained on CPU on phantoms and real scans.
+
+``python -m voxtext.training.default_model --out runs/default`` rebuilds it from scratch
+(deterministic seeds); the model card in ``voxtext/weights/esica-default/README.md``
+records the figures of the shipped run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from ..checkpoints import build_esica
+from ..models.esica import ESICAConfig
+from ..models.esica.text import load_tokenizer
+from ..phantom import TARGETS, generate_phantom
+from ..preprocess import PreprocessConfig, prepare_with_labels
+from ..volume import Volume
+from .cases import CropSampler, Target, TrainingCase, batch_stream
+from .seg_trainer import SegTrainer, StageConfig, TrainConfig, seed_everything
+
+DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+SPACING_MM = 3.0
+
+DEFAULT_CONFIG = ESICAConfig(
+    image_size=(48, 48, 48),
+    embed_dim=128,
+    text_model=TEXT_MODEL,
+    pass_num=1,
+    transformer_depth=2,
+    mlp_dim=256,
+    num_heads=4,
+    num_kv_heads=2,
+    encoder_channels=(16, 16, 32, 64, 128),
+    encoder_blocks=(1, 1, 1, 2, 1),
+    decoder_hidden_dim=16,
+    text_pooling="mean",
+    text_weights="text_model",
+    target_spacing=SPACING_MM,
+)
+
+# Real data held out from training, for the model card's figures.
+HELD_OUT = {"brats2018": ("case_5", "case_6"), "brats2015": ("brats_2013_pat0006_1",),
+            "deeplesion": ("CT_Lesion_000009_03_01_036-048",)}
+
+FLAIR = "head MR T2 FLAIR"
+T1C = "head post-contrast T1-weighted MR"
+BRAIN_TARGETS_FLAIR = [
+    Target(("brain tumor", "whole tumor", "glioma", f"Whole tumor in {FLAIR}", f"Brain tumor visualized in {FLAIR}",
+            "tumor with surrounding edema in brain MRI"), (1, 2, 3, 4)),
+    Target(("peritumoral edema", "edema", f"Peritumoral edema in {FLAIR}", "vasogenic edema around the tumor",
+            f"Segmentation of peritumoral edema in {FLAIR}"), (2,)),
+]
+BRAIN_TARGETS_T1C = [
+    Target(("enhancing tumor", "enhancing tumour", f"Enhancing tumor in {T1C}", "contrast-enhancing tumor rim",
+            f"Delineation of enhancing tumor in {T1C}"), (4,)),
+    Target(("necrosis", "necrotic tumor core", f"Necrotic tumor core in {T1C}", "tumor necrosis"), (1,)),
+    Target(("tumor core", "brain tumor core", f"Tumor core in {T1C}"), (1, 3, 4)),
+]
+LESION_CT = [Target(("lesion", "tumor lesion", "Lesion in CT", "Lesion identified in CT imaging", "CT lesion",
+                     "focal lesion"), (1,))]
+# Colin27 AAL regions used: AAL name -> plain name.
+AAL_REGIONS = {
+    "Hippocampus": "hippocampus", "Thalamus": "thalamus", "Caudate": "caudate nucleus", "Putamen": "putamen",
+    "Amygdala": "amygdala", "Insula": "insula", "Precentral": "precentral gyrus", "Occipital_Sup": "superior occipital gyrus",
+}
+SIDES = {"L": "left", "R": "right"}
+
+
+@dataclass(frozen=True)
+class CaseSource:
+    """One real training/evaluation case: image file(s), labels and targets."""
+
+    name: str
+    group: str
+    image: Path
+    labels: Path
+    targets: tuple[Target, ...]
+    modality: str
+
+
+def brain_region_targets(labels_json: Path) -> list[Target]:
+    names = {v: int(k) for k, v in json.loads(labels_json.read_text())["aal.nii.gz"].items()}
+    targets = []
+    for aal, plain in AAL_REGIONS.items():
+        for code, side in SIDES.items():
+            value = names[f"{aal}_{code}"]
+            targets.append(Target((f"{side} {plain}", f"{plain} in the {side} hemisphere",
+                                   f"{side.capitalize()} {plain} in head MR T1", f"{side} cerebral {plain}"), (value,)))
+    return targets
+
+
+def real_sources(root: Path = DATA_ROOT) -> list[CaseSource]:
+    sources = []
+    for case in sorted((root / "brats_train/brats2018").glob("case_*")):
+        sources.append(CaseSource(f"brats2018/{case.name}", "brain-mr", case / "FLAIR.nii.gz", case / "GT_W.nii.gz",
+                                  (Target(BRAIN_TARGETS_FLAIR[0].phrasings, (1,)),), "MR"))
+    for case in sorted((root / "brats_train/brats2015").glob("brats_*")):
+        labels = case / "OTMultiClass.nii.gz"
+        sources.append(CaseSource(f"brats2015/{case.name}/flair", "brain-mr", case / "Flair_subtrMeanDivStd.nii.gz",
+                                  labels, tuple(BRAIN_TARGETS_FLAIR), "MR"))
+        sources.append(CaseSource(f"brats2015/{case.name}/t1c", "brain-mr", case / "T1c_subtrMeanDivStd.nii.gz",
+                                  labels, tuple(BRAIN_TARGETS_T1C), "MR"))
+    colin = root / "colin27_aal"
+    sources.append(CaseSource("colin27", "brain-mr", colin / "ch2bet.nii.gz", colin / "aal.nii.gz",
+                              tuple(brain_region_targets(colin / "labels.json")), "MR"))
+    for npz in sorted((root / "deeplesion_train").glob("*.npz")):
+        sources.append(CaseSource(f"deeplesion/{npz.stem}", "lesion-ct", npz, npz, tuple(LESION_CT), "CT-windowed"))
+    return sources
+
+
+def is_held_out(name: str) -> bool:
+    return any(name.split("/")[1] in cases for cases in HELD_OUT.values() if "/" in name)
+
+
+def load_source(source: CaseSource) -> tuple[Volume, np.ndarray]:
+    """The image volume and its label map (same grid) of a real case."""
+    if source.image.suffix == ".npz":
+        data = np.load(source.image, allow_pickle=False)
+        spacing = [float(s) for s in data["spacing"]]  # listed (x, y, z) for (z, y, x) arrays
+        image = data["imgs"].transpose(2, 1, 0).astype(np.float32)
+        labels = data["gts"].transpose(2, 1, 0)
+        affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])  # LPS-ordered CT slices, in RAS
+        # The images are already windowed to 0..255: percentile scaling treats them as such.
+        return Volume(image, affine, "MR"), labels
+    image = nib.load(source.image)
+    labels = np.asarray(nib.load(source.labels).dataobj)
+    return Volume(np.asarray(image.dataobj, dtype=np.float32), image.affine, source.modality), labels
+
+
+def prepare_case(source: CaseSource, spacing: float = SPACING_MM) -> TrainingCase:
+    volume, labels = load_source(source)
+    prepared, grid_labels = prepare_with_labels(volume, labels, PreprocessConfig(target_spacing=spacing))
+    return TrainingCase(source.name, source.group, prepared.image, grid_labels.astype(np.int16), list(source.targets))
+
+
+def phantom_case(seed: int, spacing: float = SPACING_MM) -> TrainingCase:
+    """A procedural abdominal CT on the model grid, with every phantom target (organs include their lesions)."""
+    rng = np.random.default_rng(seed)
+    # Acquired at a random resolution no finer than half the model grid, so generation stays fast.
+    acquired = (float(rng.uniform(0.5, 1.0)) * spacing,) * 2 + (float(rng.uniform(0.5, 1.5)) * spacing,)
+    case = generate_phantom(seed, spacing=acquired, lesions=0.6)
+    volume = Volume(case.image.astype(np.float32), case.affine, "CT")
+    prepared, grid_labels = prepare_with_labels(volume, case.labels, PreprocessConfig(target_spacing=spacing))
+    targets = [Target(phrasings, values) for phrasings, values in TARGETS]
+    return TrainingCase(f"phantom/{seed}", "abdomen-ct", prepared.image, grid_labels.astype(np.int16), targets)
+
+
+TRAIN_PHANTOM_SEEDS = range(0, 160)
+HELD_OUT_PHANTOM_SEEDS = range(10_000, 10_050)  # never used for training
+GROUP_WEIGHTS = {"abdomen-ct": 0.6, "brain-mr": 0.3, "lesion-ct": 0.1}
+
+
+def training_cases() -> list[TrainingCase]:
+    cases = [phantom_case(seed) for seed in TRAIN_PHANTOM_SEEDS]
+    cases += [prepare_case(s) for s in real_sources() if not is_held_out(s.name)]
+    return cases
+
+
+def recipe(output_dir: str, steps: tuple[int, int] = (1600, 800), batch_size: int = 4) -> TrainConfig:
+    """Stage 1: positive-only crops; stage 2: balanced crops, 25 % prompts of absent structures."""
+    return TrainConfig(
+        output_dir,
+        [
+            StageConfig("pretrain", steps[0], lr=1e-3, weight_decay=1e-5, pos_ratio=1.0, absent_prompt_prob=0.0),
+            StageConfig("finetune", steps[1], lr=2e-4, weight_decay=1e-6, pos_ratio=0.5, absent_prompt_prob=0.25,
+                        freeze_text_encoder=True),
+        ],
+        batch_size=batch_size,
+        log_every=20,
+        save_every=200,
+        seed=42,
+    )
+
+
+def train(output_dir: str, steps: tuple[int, int], threads: int) -> Path:
+    torch.set_num_threads(threads)
+    seed_everything(42)
+    cases = training_cases()
+    tokenizer = load_tokenizer(DEFAULT_CONFIG.text_model)
+    config = recipe(output_dir, steps)
+
+    def data(stage: StageConfig, rank: int, world: int):
+        sampler = CropSampler(cases, DEFAULT_CONFIG.image_size, stage.pos_ratio, stage.absent_prompt_prob,
+                              GROUP_WEIGHTS, seed=config.seed + 1000 * rank + len(stage.name))
+        return batch_stream(sampler, tokenizer, config.batch_size)
+
+    return SegTrainer(build_esica(DEFAULT_CONFIG), config, data).fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Retrain the embedded default ESICA model from scratch.")
+    parser.add_argument("--out", default="runs/esica-default")
+    parser.add_argument("--steps", type=int, nargs=2, default=(1600, 800), metavar=("PRETRAIN", "FINETUNE"))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    final = train(args.out, tuple(args.steps), args.threads)
+    print(f"trained model in {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
