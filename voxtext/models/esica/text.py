@@ -67,17 +67,23 @@ def text_config_for(text_model: str, base_dir: Path | None, embedded: dict[str, 
         ) from exc
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+
+
 def load_tokenizer(text_model: str, base_dir: Path | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of the text model (local folder or hub id); a clear error when it is not there."""
     source = resolve_text_source(text_model, base_dir)
+    hint = (
+        f"no tokenizer found for text model {text_model!r} (looked in {source!r}). The model needs the "
+        "tokenizer files (tokenizer.json or vocab.txt) of its text encoder: download them with "
+        f"`huggingface-cli download {text_model}` or place them in that folder."
+    )
+    if Path(source).is_dir() and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
+        raise CheckpointError(hint)
     try:
         return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"no tokenizer found for text model {text_model!r} (looked in {source!r}). The model needs the "
-            "tokenizer files (vocab.txt / tokenizer.json) of its text encoder: download them with "
-            f"`huggingface-cli download {text_model}` or place them in that folder."
-        ) from exc
+    except (OSError, ValueError, ImportError) as exc:
+        raise CheckpointError(hint) from exc
 
 
 def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
