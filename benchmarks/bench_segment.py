@@ -67,8 +67,9 @@ def bench_full_size(volume: Volume, run_full: bool) -> None:
     roi = inferer.model.config.image_size
     for quality in ("fast", "accurate"):
         preset = QUALITY_PRESETS[quality]
-        with stage(rows, f"[{quality}] preprocess to {preset.spacing_mm} mm"):
-            prepared = prepare(volume, PreprocessConfig(target_spacing=preset.spacing_mm))
+        spacing = max(preset.min_spacing_mm, inferer.model.config.target_spacing)
+        with stage(rows, f"[{quality}] preprocess to {spacing} mm"):
+            prepared = prepare(volume, PreprocessConfig(target_spacing=spacing))
         n = count_windows(prepared.image.shape, roi, preset.overlap)
         print(f"{quality}: model grid {prepared.image.shape}, {n} windows at overlap {preset.overlap}")
         for prompts in (PROMPTS[:1], PROMPTS):

@@ -1,8 +1,9 @@
-"""Command line interface: ``voxtext segment``, ``voxtext models``, ``voxtext phantom``."""
+"""Command line interface: ``voxtext segment``, ``models``, ``phantom``, ``train-seg``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -22,6 +23,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .api import Segmenter
 
     nifti_path, nrrd_path = _output_paths(Path(args.output))
+    sidecar = nifti_path.with_name(nifti_path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+    existing = [p for p in (nifti_path, sidecar, nrrd_path) if p.exists()]
+    if existing and not args.overwrite:
+        raise VoxTextError(f"{', '.join(map(str, existing))} already exist(s); pass --overwrite to replace")
     if args.model == "default":
         print("Using the embedded default model (voxtext/weights/esica-default); pass --model esica for the published weights.",
               file=sys.stderr)
@@ -54,12 +59,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_phantom(args: argparse.Namespace) -> int:
-    from .phantom import main_phantom
-
-    return main_phantom(args.phantom_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxtext", description="Text-guided 3-D segmentation and reporting.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,21 +77,32 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--keep-largest", action="store_true", help="keep the largest connected component")
     seg.add_argument("--fill-holes", action="store_true")
     seg.add_argument("--argmax", action="store_true", help="disjoint masks: each voxel to the most likely prompt")
+    seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(func=cmd_segment)
 
     models = sub.add_parser("models", help="list the named models")
     models.set_defaults(func=cmd_models)
 
-    phantom = sub.add_parser("phantom", help="write a procedural CT phantom case", add_help=False)
-    phantom.add_argument("phantom_args", nargs=argparse.REMAINDER)
-    phantom.set_defaults(func=cmd_phantom)
+    for name, (_, _, text) in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
+# Subcommands with their own argument parsers: name -> (module, function, help).
+DELEGATED = {
+    "phantom": ("voxtext.phantom", "main_phantom", "write a procedural CT phantom case"),
+    "train-seg": ("voxtext.training.train_seg", "main", "train or fine-tune ESICA (torchrun for several devices)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] in DELEGATED:
+            module, function, _ = DELEGATED[argv[0]]
+            return getattr(importlib.import_module(module), function)(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except VoxTextError as exc:
         print(f"voxtext: error: {exc}", file=sys.stderr)

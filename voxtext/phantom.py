@@ -171,9 +171,10 @@ def generate_phantom(
 ) -> PhantomCase:
     """One abdominal CT phantom. ``lesions``: probability of each lesion type (True = 1, False = 0)."""
     rng = np.random.default_rng(seed)
+    fov, length = rng.uniform(340, 420), rng.uniform(200, 320)
+    if spacing is None and shape is not None:  # a given size covers the whole field of view
+        spacing = (fov / shape[0], fov / shape[1], length / shape[2])
     spacing = spacing or (float(rng.uniform(0.6, 1.0)),) * 2 + (float(rng.choice([1.0, 1.5, 2.0, 2.5, 3.0, 5.0])),)
-    fov = rng.uniform(340, 420)
-    length = rng.uniform(200, 320)
     shape = shape or (int(fov / spacing[0]), int(fov / spacing[1]), int(length / spacing[2]))
     phase = phase or str(rng.choice(PHASES))
     p = PHASES.index(phase)

@@ -1,0 +1,145 @@
+"""Training: a short run learns, checkpoints reload and resume, DDP runs with two gloo processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from voxtext.checkpoints import build_esica, load_esica
+from voxtext.errors import InputError
+from voxtext.evaluation.metrics import dice
+from voxtext.models.esica import ESICAConfig
+from voxtext.models.esica.text import load_tokenizer
+from voxtext.training.cases import CropSampler, Target, TrainingCase, batch_stream, crop
+from voxtext.training.seg_trainer import SegTrainer, StageConfig, TrainConfig, warmup_cosine
+from voxtext.training.train_seg import folder_cases, read_prompts
+
+TEXT = "sentence-transformers/all-MiniLM-L6-v2"
+TINY = dict(image_size=(16, 16, 16), embed_dim=32, transformer_depth=1, mlp_dim=64, num_heads=2, num_kv_heads=1,
+            encoder_channels=(8, 8, 16, 16, 32), encoder_blocks=(1, 1, 1, 1, 1), decoder_hidden_dim=8,
+            text_model=TEXT, text_pooling="mean", text_weights="text_model", target_spacing=2.0)
+
+
+def shapes_case(seed: int) -> TrainingCase:
+    """A bright cube (label 1) and a dim ball (label 2) at random places in a 24^3 volume."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0.2, 0.02, (24, 24, 24)).clip(0.01, 1).astype(np.float32)
+    labels = np.zeros(image.shape, np.int16)
+    c = rng.integers(4, 12, 3)
+    labels[c[0] : c[0] + 6, c[1] : c[1] + 6, c[2] : c[2] + 6] = 1
+    zz, yy, xx = np.mgrid[:24, :24, :24]
+    b = rng.integers(14, 19, 3)
+    labels[(zz - b[0]) ** 2 + (yy - b[1]) ** 2 + (xx - b[2]) ** 2 <= 9] = 2
+    image[labels == 1] = 0.9
+    image[labels == 2] = 0.5
+    return TrainingCase(f"shapes/{seed}", "shapes", image, labels,
+                        [Target(("cube", "bright box"), (1,)), Target(("ball", "grey sphere"), (2,))])
+
+
+def predict_dice(model, tokenizer, case: TrainingCase, prompt: str, values) -> float:
+    centre = [s // 2 for s in case.image.shape]
+    image = torch.from_numpy(crop(case.image, centre, (16, 16, 16)))[None, None]
+    tokens = tokenizer([prompt], return_tensors="pt")
+    with torch.no_grad():
+        logits = model.eval()(image, tokens["input_ids"], tokens["attention_mask"])
+    truth = crop(np.isin(case.labels, values), centre, (16, 16, 16))
+    return dice(logits[0, 0].numpy() > 0, truth)
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
+    assert warmup_cosine(10, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(100, 100, 10) == pytest.approx(0.0)
+
+
+def test_sampler_labels_match_prompts_and_absent_prompts_are_empty():
+    cases = [shapes_case(0)]
+    cases[0].targets.append(Target(("pyramid",), (7,)))  # never present
+    sampler = CropSampler(cases, (16, 16, 16), pos_ratio=1.0, absent_prompt_prob=0.5, seed=1)
+    prompts = set()
+    for _ in range(40):
+        s = sampler.sample()
+        prompts.add(s.prompt)
+        if s.prompt == "pyramid":
+            assert not s.label.any()
+        else:
+            assert s.label.any() and s.image.shape == (1, 16, 16, 16)
+    assert "pyramid" in prompts and prompts & {"cube", "bright box"} and prompts & {"ball", "grey sphere"}
+
+
+def test_short_training_lowers_loss_raises_dice_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    cases = [shapes_case(s) for s in range(8)]
+    held_out = shapes_case(99)
+    tokenizer = load_tokenizer(TEXT)
+    model = build_esica(ESICAConfig(**TINY))
+    before = np.mean([predict_dice(model, tokenizer, held_out, p, v) for p, v in (("cube", 1), ("ball", 2))])
+
+    def data(stage, rank, world):
+        return batch_stream(CropSampler(cases, (16, 16, 16), stage.pos_ratio, seed=rank), tokenizer, 4)
+
+    config = TrainConfig(str(tmp_path / "run"), [StageConfig("pretrain", 60, lr=3e-3)], log_every=10, save_every=30)
+    final = SegTrainer(model, config, data).fit()
+    rows = [r.split(",") for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
+    losses = [float(r[2]) for r in rows]
+    assert losses[-1] < 0.7 * losses[0]
+    trained, _ = load_esica(final)
+    after = np.mean([predict_dice(trained, tokenizer, held_out, p, v) for p, v in (("cube", 1), ("ball", 2))])
+    assert after > before + 0.25 and after > 0.4
+    assert (tmp_path / "run" / "training_curve.png").stat().st_size > 1000
+
+    # A longer schedule in the same folder resumes from the saved state instead of starting over.
+    config.stages[0].steps = 70
+    SegTrainer(build_esica(ESICAConfig(**TINY)), config, data).fit()
+    steps = [int(r.split(",")[1]) for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps[-1] == 70 and steps.count(10) == 1
+
+
+def write_folder(root, n=2):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    for i in range(n):
+        case = shapes_case(i)
+        nib.save(nib.Nifti1Image(case.image * 100, affine), str(root / "images" / f"c{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(case.labels.astype(np.uint8), affine), str(root / "labels" / f"c{i}.nii.gz"))
+    (root / "prompts.json").write_text(json.dumps({"1": ["cube"], "2": ["ball"]}))
+
+
+def test_nifti_folder_validation(tmp_path):
+    write_folder(tmp_path / "ok")
+    cases = folder_cases(tmp_path / "ok", 2.0)
+    assert len(cases) == 2 and {t.name for t in cases[0].present} == {"cube", "ball"}
+    (tmp_path / "ok" / "prompts.json").write_text('{"one": ["cube"]}')
+    with pytest.raises(InputError, match="integer label values"):
+        read_prompts(tmp_path / "ok")
+    (tmp_path / "ok" / "prompts.json").write_text('{"1": []}')
+    with pytest.raises(InputError, match="non-empty"):
+        read_prompts(tmp_path / "ok")
+    (tmp_path / "ok" / "prompts.json").write_text('{"1": ["cube"]}')
+    (tmp_path / "ok" / "labels" / "c1.nii.gz").unlink()
+    with pytest.raises(InputError, match="no label map"):
+        folder_cases(tmp_path / "ok", 2.0)
+
+
+def test_ddp_with_two_gloo_processes(tmp_path):
+    write_folder(tmp_path / "data")
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               "-m", "voxtext", "train-seg", "--data", str(tmp_path / "data"), "--model-config",
+               str(tmp_path / "tiny.json"), "--out", str(out), "--steps", "4", "2", "--batch-size", "2",
+               "--save-every", "100"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "train_config.json").read_text())["extra"]["world_size"] == 2
+    assert (out / "final" / "model.safetensors").exists()
+    assert len((out / "metrics.csv").read_text().splitlines()) > 1

@@ -1,0 +1,1 @@
+"""Segmentation metrics (BiomedSegFM definitions) and evaluation reports."""
