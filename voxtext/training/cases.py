@@ -69,9 +69,10 @@ def crop(array: np.ndarray, centre: Sequence[int], roi: Sequence[int]) -> np.nda
 class CropSampler:
     """Endless stream of (crop, binary label, prompt) samples.
 
-    ``pos_ratio``: probability that a crop is centred on a voxel of the target (else anywhere).
-    ``absent_prompt_prob``: probability of prompting a target of the case's group that is
-    absent from the case, with an empty label — clinical users do type absent structures.
+    ``pos_ratio``: probability that a crop is placed around a voxel of a present target (else anywhere).
+    The prompt is drawn among the structures in the crop, or, with ``absent_prompt_prob`` (or when
+    the crop holds none), among the group's structures NOT in the crop, with an empty label:
+    sliding-window inference asks every window for every prompt, and clinicians type absent structures.
     """
 
     def __init__(
@@ -95,18 +96,25 @@ class CropSampler:
     def sample(self) -> Sample:
         group = self.rng.choices(list(self.by_group), weights=self.group_weights)[0]
         case = self.rng.choice(self.by_group[group])
-        absent = [t for t in self.vocabulary[group] if t not in case.present]
-        if absent and self.rng.random() < self.absent_prompt_prob:
-            target, mask = self.rng.choice(sorted(absent, key=lambda t: t.name)), None
-        else:
-            target = self.rng.choice(case.present)
-            mask = case.mask(target)
-        if mask is not None and self.rng.random() < self.pos_ratio:
-            voxels = np.flatnonzero(mask)
-            centre = np.unravel_index(voxels[self.rng.randrange(len(voxels))], mask.shape)
+        if self.rng.random() < self.pos_ratio:
+            # A voxel of a present target, shifted so the target is in the crop but not always at its centre:
+            # otherwise "segment what is at the centre" would be a shortcut that ignores the prompt.
+            voxels = np.flatnonzero(case.mask(self.rng.choice(case.present)))
+            anchor = np.unravel_index(voxels[self.rng.randrange(len(voxels))], case.image.shape)
+            centre = [a + self.rng.randint(-r // 4, r // 4) for a, r in zip(anchor, self.roi)]
         else:
             centre = [self.rng.randrange(n) for n in case.image.shape]
-        label = crop(mask, centre, self.roi) if mask is not None else np.zeros(self.roi, dtype=bool)
+        labels = crop(case.labels, centre, self.roi)
+        in_crop = set(np.unique(labels).tolist())
+        present = [t for t in case.present if in_crop.intersection(t.values)]
+        absent = [t for t in self.vocabulary[group] if t not in present]
+        if not present or (absent and self.rng.random() < self.absent_prompt_prob):
+            # Structures of the group that are not in this crop (absent from the case or elsewhere in it).
+            target, label = self.rng.choice(sorted(absent, key=lambda t: t.name)), np.zeros(self.roi, dtype=bool)
+        else:
+            # Any structure in the crop may be asked for, so the prompt must decide what is segmented.
+            target = self.rng.choice(present)
+            label = np.isin(labels, target.values)
         image = augment_intensity(crop(case.image, centre, self.roi), self.rng)
         return Sample(image[None], label[None], self.rng.choice(target.phrasings))
 

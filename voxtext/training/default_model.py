@@ -164,14 +164,16 @@ def training_cases() -> list[TrainingCase]:
     return cases
 
 
-def recipe(output_dir: str, steps: tuple[int, int] = (1600, 800), batch_size: int = 4) -> TrainConfig:
-    """Stage 1: positive-only crops; stage 2: balanced crops, 25 % prompts of absent structures."""
+def recipe(output_dir: str, steps: tuple[int, int, int] = (1600, 600, 1500), batch_size: int = 4) -> TrainConfig:
+    """Stage 1: target-centred crops, per-sample Dice; stages 2-3: mixed crops, batch Dice, absent prompts."""
     return TrainConfig(
         output_dir,
         [
             StageConfig("pretrain", steps[0], lr=1e-3, weight_decay=1e-5, pos_ratio=1.0, absent_prompt_prob=0.0),
-            StageConfig("finetune", steps[1], lr=2e-4, weight_decay=1e-6, pos_ratio=0.5, absent_prompt_prob=0.25,
-                        freeze_text_encoder=True),
+            StageConfig("finetune", steps[1], lr=2e-4, weight_decay=1e-6, pos_ratio=0.4, absent_prompt_prob=0.25,
+                        freeze_text_encoder=True, batch_dice=True),
+            StageConfig("contrastive", steps[2], lr=3e-4, weight_decay=1e-6, pos_ratio=0.7, absent_prompt_prob=0.3,
+                        freeze_text_encoder=True, batch_dice=True),
         ],
         batch_size=batch_size,
         log_every=20,
@@ -180,7 +182,7 @@ def recipe(output_dir: str, steps: tuple[int, int] = (1600, 800), batch_size: in
     )
 
 
-def train(output_dir: str, steps: tuple[int, int], threads: int) -> Path:
+def train(output_dir: str, steps: tuple[int, int, int], threads: int) -> Path:
     torch.set_num_threads(threads)
     seed_everything(42)
     cases = training_cases()
@@ -198,7 +200,8 @@ def train(output_dir: str, steps: tuple[int, int], threads: int) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Retrain the embedded default ESICA model from scratch.")
     parser.add_argument("--out", default="runs/esica-default")
-    parser.add_argument("--steps", type=int, nargs=2, default=(1600, 800), metavar=("PRETRAIN", "FINETUNE"))
+    parser.add_argument("--steps", type=int, nargs=3, default=(1600, 600, 1500),
+                        metavar=("PRETRAIN", "FINETUNE", "CONTRASTIVE"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     final = train(args.out, tuple(args.steps), args.threads)

@@ -42,6 +42,9 @@ class StageConfig:
     pos_ratio: float = 1.0  # fraction of crops centred on the target
     absent_prompt_prob: float = 0.0  # fraction of samples prompting a structure absent from the case
     freeze_text_encoder: bool = False
+    # Dice over the whole batch instead of per sample: a crop with an empty target then still gets a
+    # gradient from its false positives (per-sample Dice saturates at 1 there and teaches nothing).
+    batch_dice: bool = False
 
 
 @dataclass
@@ -94,7 +97,6 @@ class SegTrainer:
         self.model, self.config, self.data, self.dist = model, config, data, dist_info
         self.device = torch.device(device)
         self.out = Path(config.output_dir)
-        self.loss_fn = DiceFocalLoss(sigmoid=True, lambda_dice=1.0, lambda_focal=1.0)
         self.model.to(self.device)
 
     # ------------------------------------------------------------------ state
@@ -164,6 +166,7 @@ class SegTrainer:
             self.device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
             enabled=cfg.amp != "no" and self.device.type == "cuda",
         )
+        loss_fn = DiceFocalLoss(sigmoid=True, batch=stage.batch_dice, lambda_dice=1.0, lambda_focal=1.0)
         batches = self.data(stage, self.dist.rank, self.dist.world_size)
         model.train()
         bar = tqdm(range(start, stage.steps), desc=stage.name, disable=not self.dist.is_main, initial=start,
@@ -177,7 +180,7 @@ class SegTrainer:
                 context = nullcontext() if sync else net.no_sync()
                 with context, autocast:
                     logits = net(batch["image"], batch["input_ids"], batch["attention_mask"])
-                    loss = self.loss_fn(logits.float(), batch["label"].float()) / cfg.grad_accum
+                    loss = loss_fn(logits.float(), batch["label"].float()) / cfg.grad_accum
                 scaler.scale(loss).backward()
                 loss_value += loss.item()
             scaler.unscale_(optimizer)
