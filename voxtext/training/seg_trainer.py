@@ -133,8 +133,9 @@ class SegTrainer:
             torch.set_rng_state(state["torch_rng"])
         start_stage = state["stage"] if state else 0
         for index, stage in enumerate(self.config.stages[start_stage:], start=start_stage):
-            resume = state if (state and index == state["stage"] and state["step"] > 0) else None
-            self._fit_stage(index, stage, resume)
+            resume = state if (state and index == state["stage"]) else None
+            if resume is None or resume["step"] < stage.steps:  # a stage lengthened since its end resumes too
+                self._fit_stage(index, stage, resume)
             state = None
         if self.dist.is_main:
             save_esica(self.model, self.out / "final")
@@ -152,14 +153,14 @@ class SegTrainer:
             [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=stage.lr,
         )
-        warmup = int(cfg.warmup_ratio * stage.steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, stage.steps, warmup))
         start = 0
         if resume is not None:
             optimizer.load_state_dict(resume["optimizer"])
             start = resume["step"]
-            for _ in range(start):
-                scheduler.step()
+        warmup = int(cfg.warmup_ratio * stage.steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(start + s, stage.steps, warmup)
+        )
         net = DistributedDataParallel(model) if self.dist.enabled else model
         scaler = torch.amp.GradScaler(enabled=cfg.amp == "fp16" and self.device.type == "cuda")
         autocast = torch.autocast(
@@ -197,7 +198,7 @@ class SegTrainer:
                 running = []
             if (step + 1) % cfg.save_every == 0:
                 self._save(index, step + 1, optimizer)
-        self._save(index + 1, 0, optimizer)
+        self._save(index, stage.steps, optimizer)
 
     def _log(self, stage: str, step: int, loss: float, lr: float, elapsed: float) -> None:
         if not self.dist.is_main:
