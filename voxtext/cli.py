@@ -1,4 +1,4 @@
-"""Command line interface: ``voxtext segment``, ``models``, ``phantom``, ``train-seg``."""
+"""Command line interface: ``voxtext segment``, ``models``, ``eval-seg``, ``phantom``, ``train-seg``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_seg(args: argparse.Namespace) -> int:
+    from .evaluation.report import write_report
+    from .evaluation.segmentation_eval import evaluate_folders
+
+    scores = evaluate_folders(args.pred, args.gt, args.tolerance_mm, args.instance)
+    written = write_report(scores, Path(args.out))
+    print(written[1].read_text(), end="")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxtext", description="Text-guided 3-D segmentation and reporting.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the named models")
     models.set_defaults(func=cmd_models)
+
+    ev = sub.add_parser("eval-seg", help="score predicted label maps against ground truth (DSC, NSD, F1)")
+    ev.add_argument("--pred", required=True, help="folder of <case>.nii.gz + <case>.json from 'voxtext segment'")
+    ev.add_argument("--gt", required=True, help="folder of labels/<case>.nii.gz (or <case>.nii.gz) + prompts.json")
+    ev.add_argument("--out", required=True, help="folder for metrics.csv, summary.md and boxplot.png")
+    ev.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance (default 2 mm)")
+    ev.add_argument("--instance", action="store_true", help="ground truth holds instances: add F1 at IoU 0.5")
+    ev.set_defaults(func=cmd_eval_seg)
 
     for name, (_, _, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)

@@ -5,7 +5,8 @@ Several GPUs/CPUs:  torchrun --nproc_per_node 4 -m voxtext train-seg --data my_d
 Multi-node:         torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m voxtext train-seg ...
 
 A data folder holds ``images/<case>.nii.gz``, ``labels/<case>.nii.gz`` (same grid) and
-``prompts.json`` = {"1": ["liver", "hepatic parenchyma"], "2": [...]} (label value -> phrasings).
+``prompts.json`` = {"1": ["liver", "hepatic parenchyma"], "2": [...]} (label value -> phrasings),
+or CVPR 2025 BiomedSegFM ``*.npz`` cases with ``CVPR25_TextSegFMData_with_class.json``.
 Running the same command again resumes from ``--out``.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import build_esica, load_esica
+from ..data.biomedsegfm import npz_folder_cases
 from ..errors import InputError
 from ..models.esica import ESICAConfig
 from ..models.esica.text import load_tokenizer
@@ -64,10 +66,19 @@ def folder_cases(folder: Path, spacing: float) -> list[TrainingCase]:
     return cases
 
 
+def data_cases(folder: Path, spacing: float) -> list[TrainingCase]:
+    """Cases of a NIfTI folder (``images/``, ``labels/``, ``prompts.json``) or a BiomedSegFM npz folder."""
+    if (folder / "images").is_dir():
+        return folder_cases(folder, spacing)
+    if any(folder.rglob("*.npz")):
+        return npz_folder_cases(folder, spacing)
+    raise InputError(f"{folder} holds neither images/ + labels/ + prompts.json nor BiomedSegFM .npz cases")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="voxtext train-seg", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", action="append", default=[], help="NIfTI folder (repeatable)")
+    p.add_argument("--data", action="append", default=[], help="NIfTI or BiomedSegFM npz folder (repeatable)")
     p.add_argument("--phantoms", type=int, default=0, help="add N procedural CT phantoms")
     p.add_argument("--out", required=True)
     p.add_argument("--init-from", default=None, help="model to fine-tune ('default', a folder, ...)")
@@ -95,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                       if args.model_config else DEFAULT_CONFIG)
             model, tokenizer = build_esica(config), load_tokenizer(config.text_model)
         spacing = model.config.target_spacing
-        cases = [c for folder in args.data for c in folder_cases(Path(folder), spacing)]
+        cases = [c for folder in args.data for c in data_cases(Path(folder), spacing)]
         cases += [phantom_case(seed, spacing) for seed in range(args.phantoms)]
         if not cases:
             raise InputError("no training data: pass --data FOLDER and/or --phantoms N")
