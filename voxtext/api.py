@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from .checkpoints import load_esica
 from .errors import InputError
 from .inference import ESICAInferer, Precision, ProgressCallback, WindowConfig, resolve_device
+from .laterality import apply_laterality
 from .postprocess import OverlapPolicy, OverlapResolver, clean_mask
 from .preprocess import PreprocessConfig, prepare, restore
 from .segmentation import Segmentation
@@ -124,6 +126,7 @@ class Segmenter:
         keep_largest: bool = False,
         fill_holes: bool = False,
         overlap_policy: OverlapPolicy = "independent",
+        laterality: bool = True,
         modality: str | None = None,
         return_probabilities: bool = False,
         progress: bool | ProgressCallback = False,
@@ -149,12 +152,14 @@ class Segmenter:
         )
         text = self.inferer.embed_prompts(prompts)
         with progress_callback(progress) as report:
-            logits = self.inferer.logits(torch.from_numpy(prepared.image), text, windows, report, cancel)
+            logits = self.inferer.logits(torch.from_numpy(prepared.image), text, windows, report, cancel).float().cpu()
+        if laterality:
+            apply_laterality(logits.numpy(), prompts, prepared, math.log(threshold / (1.0 - threshold)))
 
         resolver = OverlapResolver(overlap_policy, threshold, region.shape, len(prompts))
         probabilities = np.zeros((len(prompts), *volume.shape), np.float32) if return_probabilities else None
         for i in range(len(prompts)):
-            prob = restore(prepared, torch.sigmoid(logits[i]).cpu(), "linear").astype(np.float32, copy=False)
+            prob = restore(prepared, torch.sigmoid(logits[i]), "linear").astype(np.float32, copy=False)
             resolver.add(i, prob)
             if probabilities is not None:
                 probabilities[(i, *slices)] = prob

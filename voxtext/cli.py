@@ -40,6 +40,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         keep_largest=args.keep_largest,
         fill_holes=args.fill_holes,
         overlap_policy="argmax" if args.argmax else "independent",
+        laterality=not args.no_laterality,
         modality=args.modality,
         progress=not args.quiet,
     )
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--keep-largest", action="store_true", help="keep the largest connected component")
     seg.add_argument("--fill-holes", action="store_true")
     seg.add_argument("--argmax", action="store_true", help="disjoint masks: each voxel to the most likely prompt")
+    seg.add_argument("--no-laterality", action="store_true",
+                     help="keep mask parts on the other side of the body for 'left ...'/'right ...' prompts")
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(func=cmd_segment)

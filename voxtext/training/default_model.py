@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from ..checkpoints import build_esica
+from ..checkpoints import build_esica, load_esica
 from ..models.esica import ESICAConfig
 from ..models.esica.text import load_tokenizer
 from ..phantom import TARGETS, generate_phantom
@@ -182,7 +182,8 @@ def recipe(output_dir: str, steps: tuple[int, int, int] = (1600, 600, 1500), bat
     )
 
 
-def train(output_dir: str, steps: tuple[int, int, int], threads: int) -> Path:
+def train(output_dir: str, steps: tuple[int, int, int], threads: int, init_from: str | None = None) -> Path:
+    """Run the recipe (stages of 0 steps are skipped), from scratch or continuing from ``init_from``."""
     torch.set_num_threads(threads)
     seed_everything(42)
     cases = training_cases()
@@ -194,7 +195,8 @@ def train(output_dir: str, steps: tuple[int, int, int], threads: int) -> Path:
                               GROUP_WEIGHTS, seed=config.seed + 1000 * rank + len(stage.name))
         return batch_stream(sampler, tokenizer, config.batch_size)
 
-    return SegTrainer(build_esica(DEFAULT_CONFIG), config, data).fit()
+    model = load_esica(init_from)[0] if init_from else build_esica(DEFAULT_CONFIG)
+    return SegTrainer(model, config, data).fit()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, nargs=3, default=(1600, 600, 1500),
                         metavar=("PRETRAIN", "FINETUNE", "CONTRASTIVE"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init-from", default=None, help="continue from this checkpoint instead of from scratch")
     args = parser.parse_args(argv)
-    final = train(args.out, tuple(args.steps), args.threads)
+    final = train(args.out, tuple(args.steps), args.threads, args.init_from)
     print(f"trained model in {final}")
     return 0
 

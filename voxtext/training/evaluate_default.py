@@ -31,13 +31,13 @@ def phantom_volume(seed: int) -> tuple[Volume, object]:
     return Volume(case.image.astype(np.float32), case.affine, "CT"), case
 
 
-def evaluate_phantom(segmenter: Segmenter, seed: int, quality: str) -> dict:
+def evaluate_phantom(segmenter: Segmenter, seed: int, quality: str, laterality: bool = True) -> dict:
     volume, case = phantom_volume(seed)
     present = {t[0][0] for t in case.targets}
     organs = [o for o in ORGANS if o in present]
     lesions = [t for t in LESIONS if t in present]
     absent = [t for t in LESIONS if t not in present]
-    result = segmenter.segment(volume, organs + lesions + absent, quality=quality)
+    result = segmenter.segment(volume, organs + lesions + absent, quality=quality, laterality=laterality)
     row = {"seed": seed, "organ_dice": {o: dice(result.mask(o), case.target_mask(o)) for o in organs},
            "lesion_dice": {t: dice(result.mask(t), case.target_mask(t)) for t in lesions},
            "absent_volume_ml": {t: result.volumes_ml()[t] for t in absent}}
@@ -87,12 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phantoms", type=int, default=50)
     parser.add_argument("--quality", default="accurate", choices=["accurate", "fast"])
     parser.add_argument("--out", default="runs/eval-default.json")
+    parser.add_argument("--no-laterality", action="store_true", help="the model's raw masks for sided prompts")
+    parser.add_argument("--skip-real", action="store_true")
     args = parser.parse_args(argv)
     segmenter = Segmenter(args.model, device="cpu")
     t0 = time.time()
-    phantoms = [evaluate_phantom(segmenter, s, args.quality) for s in list(HELD_OUT_PHANTOM_SEEDS)[: args.phantoms]]
-    summary = summarize(phantoms, evaluate_real(segmenter, args.quality))
-    summary.update(model=args.model, quality=args.quality, seconds=round(time.time() - t0, 1))
+    phantoms = []
+    for seed in list(HELD_OUT_PHANTOM_SEEDS)[: args.phantoms]:
+        phantoms.append(evaluate_phantom(segmenter, seed, args.quality, not args.no_laterality))
+        print(f"phantom {seed}: organ DSC {np.mean(list(phantoms[-1]['organ_dice'].values())):.3f} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+    summary = summarize(phantoms, [] if args.skip_real else evaluate_real(segmenter, args.quality))
+    summary.update(model=args.model, quality=args.quality, laterality=not args.no_laterality,
+                   seconds=round(time.time() - t0, 1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"summary": summary, "phantom_rows": phantoms}, indent=2))
     print(json.dumps(summary, indent=2))

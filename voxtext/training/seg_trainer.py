@@ -134,7 +134,8 @@ class SegTrainer:
         start_stage = state["stage"] if state else 0
         for index, stage in enumerate(self.config.stages[start_stage:], start=start_stage):
             resume = state if (state and index == state["stage"]) else None
-            if resume is None or resume["step"] < stage.steps:  # a stage lengthened since its end resumes too
+            # A stage lengthened since its end resumes too; a stage of 0 steps is skipped.
+            if stage.steps > (resume["step"] if resume else 0):
                 self._fit_stage(index, stage, resume)
             state = None
         if self.dist.is_main:
