@@ -8,19 +8,26 @@ One parameterised implementation serves both published encoders:
   (k=7 stride 4, then three k=3) and conv blocks in every stage, run on the
   volume permuted to (H, W, D).
 
-The module returns the five stage outputs ``s0..s4`` as 5-D feature maps.
+The module returns the five stage outputs ``s0..s4`` as 5-D feature maps;
+:meth:`DCFormer.tokens` flattens one into the token layout Med3DVLM's projector and
+DCFormer_SigLIP consume, and :func:`load_dcformer` reads the encoder out of any of the
+reference's checkpoint files.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from pathlib import Path
+
+from ..errors import CheckpointError
 from .blocks import ConvBlock, DecompConv3d, DownsampleIn, FeedForward, NormKind
+from .state_dict import load_strict, read_state_dict, with_prefix
 
 StemKind = Literal["esica", "dcformer"]
 
@@ -185,3 +192,31 @@ class DCFormer(nn.Module):
             x = stage(x)
             features.append(x)
         return features
+
+    def tokens(self, feature: torch.Tensor) -> torch.Tensor:
+        """A stage output as tokens ``(B, D'*H'*W', C)``, index ``d*H'*W' + h*W' + w`` over the input's axis order."""
+        if self.config.permute_input:
+            feature = feature.permute(0, 1, 4, 2, 3)  # internal (H',W',D') back to (D',H',W')
+        return feature.flatten(2).transpose(1, 2)
+
+
+# Where the reference's files keep the DCFormer tensors: pretrained_ViT.bin (bare), a DCFormer_SigLIP
+# checkpoint, the merged Med3DVLM safetensors and the merged model's vision_tower.bin.
+DCFORMER_PREFIXES = ("", "vision_encoder.", "model.vision_tower.vision_tower.", "vision_tower.")
+
+
+def load_dcformer(path: str | Path, config: DCFormerConfig | None = None) -> DCFormer:
+    """Med3DVLM's DCFormer (default ``decomp_small``) from any reference checkpoint file, loaded strictly.
+
+    The tensors under the file's DCFormer prefix must match the model exactly; ``.bin`` files are read
+    with ``torch.load(weights_only=True)``.
+    """
+    model = DCFormer(config or med3dvlm_config("small"))
+    state = read_state_dict(path)
+    probe = next(iter(model.state_dict()))
+    prefix = next((p for p in DCFORMER_PREFIXES if p + probe in state), None)
+    if prefix is None:
+        raise CheckpointError(f"{path} is not a DCFormer checkpoint: no {probe!r} under any of {DCFORMER_PREFIXES}")
+    weights = state if prefix == "" else with_prefix(state, prefix)
+    load_strict(model, weights, path, "DCFormer")
+    return model.eval()

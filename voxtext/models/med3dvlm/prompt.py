@@ -1,0 +1,47 @@
+"""Prompts for Med3DVLM: ``"<im_patch>" * N`` placeholders followed by the question, no chat template."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ...errors import CheckpointError
+
+IMAGE_TOKEN = "<im_patch>"
+
+
+def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id of ``<im_patch>``; a :class:`CheckpointError` when the tokenizer lacks it."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        raise CheckpointError(
+            f"the tokenizer has no {IMAGE_TOKEN} token, so it is not Med3DVLM's: use the tokenizer files "
+            "saved with the Med3DVLM checkpoint (its added_tokens.json lists <im_patch>)"
+        )
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    num_image_tokens: int,
+    separator: str = " ",
+    pad_token_id: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids`` / ``attention_mask`` of ``"<im_patch>" * N + separator + question``.
+
+    The reference trained VQA with a space between placeholders and question (``separator=" "``),
+    captions without one. The first text token never reaches the model (see
+    :func:`~voxtext.models.med3dvlm.model.insert_image_features`); that is how the model was trained.
+    """
+    image_id = image_token_id(tokenizer)
+    pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    rows = [[image_id] * num_image_tokens + tokenizer(separator + q, add_special_tokens=False)["input_ids"]
+            for q in questions]
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
