@@ -91,7 +91,7 @@ def test_config_of_another_size_is_reported(folder):
     with pytest.raises(CheckpointError, match="not a usable ESICA config"):
         load_esica(folder, tokenizer=False)  # config.json alone implies the full-size encoder widths
     wider = {**esica_fixture_overrides(folder), "decoder_hidden_dim": 16}
-    with pytest.raises(CheckpointError, match="does not match its config: .* wrong shape"):
+    with pytest.raises(CheckpointError, match="does not match the ESICA model of its config.json: .* wrong shape"):
         load_esica(folder, overrides=wider, tokenizer=False)
 
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import CheckpointError, WeightsNotFoundError
 from .models.esica import ESICA, ESICAConfig
 from .models.esica.text import load_tokenizer, text_config_for
+from .models.state_dict import check_state_dict, read_state_dict
 
 CONFIG_FILE, WEIGHTS_FILE, LOCK_FILE = "config.json", "model.safetensors", "voxtext-lock.json"
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -169,13 +169,6 @@ def load_esica_config(folder: Path, overrides: dict | None = None) -> ESICAConfi
         raise CheckpointError(f"{folder / CONFIG_FILE} is not a usable ESICA config: {exc}") from exc
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {exc}") from exc
-
-
 def build_esica(config: ESICAConfig, folder: Path | None = None) -> ESICA:
     """The model of ``config``; a frozen pretrained text encoder is loaded from its own weights."""
     model = ESICA(config, text_config_for(config.text_model, folder, config.text_config))
@@ -198,31 +191,25 @@ def expected_keys(model: ESICA) -> dict[str, torch.Size]:
 
 
 def check_keys(expected: dict[str, torch.Size], weights: dict[str, torch.Tensor], source: Path) -> None:
-    """Strict comparison with a readable diagnosis."""
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    mismatched = [f"{k} {tuple(weights[k].shape)} vs {tuple(s)}" for k, s in expected.items()
-                  if k in weights and weights[k].shape != s]
-    if not (missing or unexpected or mismatched):
-        return
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-        if items:
-            parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
-    hint = ""
-    if not any(k.startswith("image_encoder.") for k in weights):
-        hint = " This is not an ESICA checkpoint."
-    elif any(k.startswith("text_encoder.transformer.") for k in unexpected):
-        hint = " The file holds a DistilBERT text encoder (ESICA) but config.json names another text model."
-    elif any(k.startswith("text_encoder.encoder.") for k in unexpected):
-        hint = " The file holds a BERT text encoder (ESICA-Lite) but config.json names another text model."
-    raise CheckpointError(f"{source} does not match its config: " + "; ".join(parts) + "." + hint)
+    """Strict comparison with a readable diagnosis, plus what an ESICA file that does not fit usually is."""
+    try:
+        check_state_dict(expected, weights, source, "ESICA model of its config.json")
+    except CheckpointError as error:
+        unexpected = [k for k in weights if k not in expected]
+        hint = ""
+        if not any(k.startswith("image_encoder.") for k in weights):
+            hint = " This is not an ESICA checkpoint."
+        elif any(k.startswith("text_encoder.transformer.") for k in unexpected):
+            hint = " The file holds a DistilBERT text encoder (ESICA) but config.json names another text model."
+        elif any(k.startswith("text_encoder.encoder.") for k in unexpected):
+            hint = " The file holds a BERT text encoder (ESICA-Lite) but config.json names another text model."
+        raise CheckpointError(f"{error}{hint}") from None
 
 
 def load_esica_weights(model: ESICA, folder: Path) -> None:
     """Load ``folder/model.safetensors`` into ``model`` strictly (keys and shapes checked first)."""
     path = folder / WEIGHTS_FILE
-    weights = read_weights(path)
+    weights = read_state_dict(path)
     check_keys(expected_keys(model), weights, path)
     model.load_state_dict(weights, strict=model.config.text_weights == "checkpoint")
 

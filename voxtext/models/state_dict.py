@@ -98,7 +98,7 @@ def check_state_dict(expected: Shapes, weights: Mapping[str, torch.Tensor], sour
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
         if items
     ]
-    raise CheckpointError(f"{source} does not match the {what} it should hold: " + "; ".join(parts) + ".")
+    raise CheckpointError(f"{source} does not match the {what}: " + "; ".join(parts) + ".")
 
 
 def load_strict(
