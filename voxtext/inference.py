@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -121,7 +122,9 @@ class ESICAInferer:
                 progress(done, total)
             return out
 
-        with self._autocast():
+        with self._autocast(), warnings.catch_warnings():
+            # MONAI 1.5 indexes with lists internally; torch warns about it once per process.
+            warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
             return sliding_window_inference(
                 image[None, None].to(self.device, torch.float32),
                 roi_size=roi,
