@@ -76,11 +76,13 @@ def test_module_core_is_qt_free(module: Path):
                 assert node.attr not in app_globals, f"{path.name} uses slicer.{node.attr} (line {node.lineno})"
 
 
-def test_slicer_classes_live_in_the_module_file():
-    text = (REPO / "TextSeg" / "TextSeg.py").read_text()
+@pytest.mark.parametrize("module", modules(), ids=lambda m: m.name)
+def test_slicer_classes_live_in_the_module_file(module: Path):
+    name = module.name
+    text = (module / f"{name}.py").read_text()
     classes = [n.name for n in ast.parse(text).body if isinstance(n, ast.ClassDef)]
-    assert classes == ["TextSeg", "TextSegWidget", "TextSegLogic", "TextSegTest"]
-    assert "class TextSegLogic(ScriptedLoadableModuleLogic, TextSegCore)" in text
+    assert classes == [name, f"{name}Widget", f"{name}Logic", f"{name}Test"]
+    assert f"class {name}Logic(ScriptedLoadableModuleLogic, {name}Core)" in text
 
 
 def test_dependency_pins_match_requirements():

@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 UI_FILES = sorted(REPO.glob("*/Resources/UI/*.ui"))
 
-# What TextSeg.py expects each child to be (Slicer/CTK classes fall back to their Qt base in QUiLoader).
+# What each module's widget expects each child to be (Slicer/CTK classes fall back to their Qt base in QUiLoader).
 EXPECTED = {
     "TextSeg": {
         "inputVolumeSelector": "qMRMLNodeComboBox",
@@ -29,6 +29,26 @@ EXPECTED = {
         "progressBar": "QProgressBar",
         "statusLabel": "QLabel",
         "resultsTable": "QTableWidget",
+    },
+    "VLMReport": {
+        "inputVolumeSelector": "qMRMLNodeComboBox",
+        "modelSelector": "QComboBox",
+        "modelPathEdit": "ctkPathLineEdit",
+        "deviceSelector": "QComboBox",
+        "generateButton": "QPushButton",
+        "cancelButton": "QPushButton",
+        "replaceCheckBox": "QCheckBox",
+        "progressBar": "QProgressBar",
+        "statusLabel": "QLabel",
+        "reportEdit": "QPlainTextEdit",
+        "saveButton": "QPushButton",
+        "exportDicomButton": "QPushButton",
+        "questionEdit": "QLineEdit",
+        "choicesEdit": "QLineEdit",
+        "askButton": "QPushButton",
+        "historyView": "QPlainTextEdit",
+        "structureSelector": "QComboBox",
+        "segmentButton": "QPushButton",
     },
 }
 

@@ -1,9 +1,11 @@
-"""Command line interface: ``voxtext segment``, ``models``, ``eval-seg``, ``phantom``, ``train-seg``."""
+"""Command line interface: ``voxtext segment``, ``models``, ``eval-seg``, ``report``, ``ask``, ``phantom``,
+``train-seg``, ``train-vlm``."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +32,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.model == "default":
         print("Using the embedded default model (voxtext/weights/esica-default); pass --model esica for the published weights.",
               file=sys.stderr)
-    segmenter = Segmenter(args.model, device=args.device, precision=args.precision)
+    if args.server:
+        from .server.client import RemoteSegmenter
+
+        segmenter = RemoteSegmenter(args.server, token=args.token, model=args.model)
+    else:
+        segmenter = Segmenter(args.model, device=args.device, precision=args.precision)
     result = segmenter.segment(
         args.volume,
         args.prompt,
@@ -71,6 +78,39 @@ def cmd_eval_seg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reporter(args: argparse.Namespace):
+    from .report import Reporter
+
+    if args.model == "default":
+        print("Using the embedded default VLM (voxtext/weights/vlm-default, trained on phantoms only); "
+              "pass --model med3dvlm for the published Med3DVLM.", file=sys.stderr)
+    return Reporter(args.model, device=args.device, precision=args.precision, allow_slow=args.allow_slow)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    output = Path(args.output) if args.output else None
+    if output and output.exists() and not args.overwrite:
+        raise VoxTextError(f"{output} already exists; pass --overwrite to replace it")
+    text = _reporter(args).report(args.volume, stream=lambda piece: print(piece, end="", flush=True),
+                                  greedy=args.greedy, max_new_tokens=args.max_new_tokens)
+    print()
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")
+        print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    answer = _reporter(args).ask(args.volume, args.question, args.choices, greedy=args.greedy,
+                                 max_new_tokens=args.max_new_tokens)
+    print(answer)
+    if args.choices and answer.index is None:
+        print("voxtext: the answer names none of the choices", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxtext", description="Text-guided 3-D segmentation and reporting.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep mask parts on the other side of the body for 'left ...'/'right ...' prompts")
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    seg.add_argument("--server", default=None, help="segment on a 'voxtext serve' server at this URL")
+    seg.add_argument("--token", default=os.environ.get("VOXTEXT_TOKEN"), help="server token (env VOXTEXT_TOKEN)")
     seg.set_defaults(func=cmd_segment)
 
     models = sub.add_parser("models", help="list the named models")
@@ -106,6 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--instance", action="store_true", help="ground truth holds instances: add F1 at IoU 0.5")
     ev.set_defaults(func=cmd_eval_seg)
 
+    for name, text in (("report", "write a findings report of a volume (streamed)"),
+                       ("ask", "answer a question about a volume")):
+        vlm = sub.add_parser(name, help=text)
+        vlm.add_argument("volume", help="NIfTI/NRRD file or DICOM folder")
+        if name == "ask":
+            vlm.add_argument("question", help="e.g. 'Is there a kidney stone?'")
+            vlm.add_argument("--choices", nargs="+", default=None, help="closed question options, e.g. yes no")
+        else:
+            vlm.add_argument("-o", "--output", default=None, help="also write the report to this text file")
+            vlm.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+        vlm.add_argument("--model", default="default", help="'default', 'med3dvlm', hf://repo or a folder")
+        vlm.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps")
+        vlm.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+        vlm.add_argument("--greedy", action="store_true", help="greedy decoding instead of the checkpoint's defaults")
+        vlm.add_argument("--max-new-tokens", type=int, default=None)
+        vlm.add_argument("--allow-slow", action="store_true", help="run a >1B-parameter model on a CPU anyway")
+        vlm.set_defaults(func=cmd_report if name == "report" else cmd_ask)
+
     for name, (_, _, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)
     return parser
@@ -115,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 DELEGATED = {
     "phantom": ("voxtext.phantom", "main_phantom", "write a procedural CT phantom case"),
     "train-seg": ("voxtext.training.train_seg", "main", "train or fine-tune ESICA (torchrun for several devices)"),
+    "serve": ("voxtext.server.app", "main_serve", "HTTP inference server (FastAPI); --help for options"),
+    "train-vlm": ("voxtext.training.train_vlm", "main", "train a Med3DVLM-class report/VQA model"),
 }
 
 

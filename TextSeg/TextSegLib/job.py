@@ -1,4 +1,8 @@
-"""A segmentation running in a worker process: start, poll without blocking, cancel, collect the result."""
+"""Work running in a worker process: start, poll without blocking, cancel, collect the result.
+
+:class:`WorkerJob` is the process and its JSON-line protocol (see :mod:`worker`), shared by every module
+of the extension; :class:`SegmentationJob` is TextSeg's segmentation run.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from .options import SegmentOptions
 State = Literal["running", "done", "failed", "cancelled"]
 CANCEL_GRACE_S = 5.0  # after this the worker is killed, not asked
 LOG_LINES = 200
+LIBRARY_ROOT = Path(__file__).resolve().parents[1]  # the folder holding TextSegLib
 
 
 @dataclass(frozen=True)
@@ -47,35 +52,30 @@ class JobError(RuntimeError):
         self.kind = kind
 
 
-class SegmentationJob:
-    """One worker process segmenting ``volume`` (axes i, j, k; ``affine`` voxel -> RAS) for ``prompts``.
+class WorkerJob:
+    """One worker process running ``script FOLDER`` on the job laid out in ``folder`` (removed by :meth:`close`).
 
-    Nothing is shared with the caller but files in a private temporary folder, removed by :meth:`close`.
+    The folder holding ``TextSegLib`` is put on the worker's ``PYTHONPATH``, so any module's worker script
+    can serve the protocol with :func:`TextSegLib.worker.serve`. ``what`` names the work in messages.
     """
 
-    def __init__(
-        self,
-        volume: np.ndarray,
-        affine: np.ndarray,
-        prompts: Sequence[str],
-        options: SegmentOptions,
-        python: str | None = None,
-        modality: str | None = None,
-    ) -> None:
-        self.prompts, self.options, self.affine = list(prompts), options, np.asarray(affine, dtype=float)
-        self.shape = tuple(volume.shape)
+    crash_hint = "try quality 'fast' or device CPU."
+
+    def __init__(self, script: str | Path, folder: Path, python: str | None = None,
+                 what: str = "segmentation") -> None:
+        self.folder, self.what = folder, what
         self.state: State = "running"
         self.error: JobError | None = None
         self.log: deque[str] = deque(maxlen=LOG_LINES)
-        self.folder = Path(tempfile.mkdtemp(prefix="textseg-"))
-        worker.write_job(self.folder, volume, self.affine, self.prompts, options.to_json(), modality)
         self._events: queue.Queue[JobEvent | None] = queue.Queue()
         self._open_streams = 2
         self._final: JobEvent | None = None
         self._kill_at: float | None = None
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LIBRARY_ROOT), env.get("PYTHONPATH")]))
         self._process = subprocess.Popen(
-            [python or sys.executable, worker.__file__, str(self.folder)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [python or sys.executable, str(script), str(self.folder)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
             text=True, encoding="utf-8", errors="replace", start_new_session=os.name != "nt",
         )
         for stream, parse in ((self._process.stdout, _parse_event), (self._process.stderr, _log_event)):
@@ -116,15 +116,15 @@ class SegmentationJob:
     def _conclude(self) -> None:
         code = self._process.returncode
         if self._kill_at is not None:  # cancelled, even if the worker finished meanwhile: nothing is applied
-            self.error = JobError("cancelled", "Segmentation cancelled.")
+            self.error = JobError("cancelled", f"{self.what.capitalize()} cancelled.")
         elif self._final is not None and self._final.kind == "done" and code == 0:
             self.state = "done"
             return
         elif self._final is not None and self._final.kind == "error":
             self.error = JobError(self._final.reason, self._final.message)
         else:
-            message = (f"The segmentation process stopped unexpectedly (exit code {code}). If the volume is large "
-                       "this usually means it ran out of memory: try quality 'fast' or device CPU.")
+            message = (f"The {self.what} process stopped unexpectedly (exit code {code}). If the volume is large "
+                       "this usually means it ran out of memory: " + self.crash_hint)
             if self.log:
                 message += " Last output: " + " | ".join(list(self.log)[-3:])
             self.error = JobError("crashed", message)
@@ -159,19 +159,6 @@ class SegmentationJob:
             time.sleep(interval_s)
         return self.state
 
-    def result(self):
-        """The :class:`voxtext.segmentation.Segmentation` of a finished job; raises :class:`JobError` otherwise."""
-        from voxtext.segmentation import Segmentation
-
-        if self.state != "done":
-            raise self.error or JobError("internal", "the segmentation has not finished yet")
-        with np.load(self.folder / worker.RESULT_FILE) as data:
-            masks = data["masks"]
-            probabilities = data["probabilities"] if "probabilities" in data else None
-        if masks.shape != (len(self.prompts), *self.shape):
-            raise JobError("internal", f"the worker returned masks of shape {masks.shape} for a {self.shape} volume")
-        return Segmentation(masks, self.prompts, self.affine, probabilities, model=self.options.model)
-
     def close(self) -> None:
         """Stop the worker if it still runs and delete the temporary folder."""
         if self._process.poll() is None:
@@ -184,11 +171,46 @@ class SegmentationJob:
                 pass
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def __enter__(self) -> SegmentationJob:
+    def __enter__(self) -> WorkerJob:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _check_done(self) -> None:
+        if self.state != "done":
+            raise self.error or JobError("internal", f"the {self.what} has not finished yet")
+
+
+class SegmentationJob(WorkerJob):
+    """One worker process segmenting ``volume`` (axes i, j, k; ``affine`` voxel -> RAS) for ``prompts``."""
+
+    def __init__(
+        self,
+        volume: np.ndarray,
+        affine: np.ndarray,
+        prompts: Sequence[str],
+        options: SegmentOptions,
+        python: str | None = None,
+        modality: str | None = None,
+    ) -> None:
+        self.prompts, self.options, self.affine = list(prompts), options, np.asarray(affine, dtype=float)
+        self.shape = tuple(volume.shape)
+        folder = Path(tempfile.mkdtemp(prefix="textseg-"))
+        worker.write_job(folder, volume, self.affine, self.prompts, options.to_json(), modality)
+        super().__init__(worker.__file__, folder, python)
+
+    def result(self):
+        """The :class:`voxtext.segmentation.Segmentation` of a finished job; raises :class:`JobError` otherwise."""
+        from voxtext.segmentation import Segmentation
+
+        self._check_done()
+        with np.load(self.folder / worker.RESULT_FILE) as data:
+            masks = data["masks"]
+            probabilities = data["probabilities"] if "probabilities" in data else None
+        if masks.shape != (len(self.prompts), *self.shape):
+            raise JobError("internal", f"the worker returned masks of shape {masks.shape} for a {self.shape} volume")
+        return Segmentation(masks, self.prompts, self.affine, probabilities, model=self.options.model)
 
 
 def _parse_event(line: str) -> JobEvent:

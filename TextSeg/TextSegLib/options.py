@@ -20,6 +20,14 @@ RECENT_PROMPTS_LIMIT = 30
 _SEPARATORS = re.compile(r"[,;\n]")
 
 
+def check_model_and_device(model: str, device: str) -> None:
+    """Refuse an empty model or an unknown device (ValueError saying what to choose)."""
+    if not str(model).strip():
+        raise ValueError("no model given: choose a named model, a folder or an hf:// URI")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+
+
 @dataclass(frozen=True)
 class SegmentOptions:
     """Model and inference settings of one run (sent to the worker as JSON)."""
@@ -30,10 +38,7 @@ class SegmentOptions:
     probabilities: bool = False
 
     def __post_init__(self) -> None:
-        if not str(self.model).strip():
-            raise ValueError("no model given: choose a named model, a folder or an hf:// URI")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        check_model_and_device(self.model, self.device)
         if self.quality not in QUALITIES:
             raise ValueError(f"quality must be one of {', '.join(QUALITIES)}, got {self.quality!r}")
 

@@ -14,7 +14,7 @@ _SPELLINGS = {"tumour": "tumor", "tumours": "tumor", "tumors": "tumor", "lesions
               "stones": "stone", "masses": "mass", "oesophagus": "esophagus"}
 REGION_CONTEXT = "Anatomic codes - DICOM master list"  # Slicer's default anatomic context (same SNOMED codes)
 ALTERED_STRUCTURE = "49755003"  # category "Morphologically Altered Structure": findings that sit in a region
-_ALIASES = {"bladder": "urinary bladder", "ivc": "inferior vena cava", "spine": "vertebrae"}
+ALIASES = {"bladder": "urinary bladder", "ivc": "inferior vena cava", "spine": "vertebrae"}
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def normalize_label(prompt: str) -> str:
     if words[:1] == ["the"]:
         words = words[1:]
     text = " ".join(_SPELLINGS.get(word, word) for word in words)
-    return _ALIASES.get(text, text)
+    return ALIASES.get(text, text)
 
 
 class PromptTerminology:

@@ -4,7 +4,8 @@ FOLDER holds ``job.json`` (prompts, options, affine) and ``volume.npy`` (voxels,
 writes ``result.npz`` (``masks`` and, when asked, ``probabilities``) and reports one JSON object per stdout
 line: ``{"event": "status", "message"}``, ``{"event": "progress", "done", "total"}``,
 ``{"event": "error", "kind", "message"}`` or ``{"event": "done"}``. Closing its stdin cancels the job.
-Only the standard library, numpy and voxtext are imported, so it runs as a plain script.
+Only the standard library, numpy and voxtext are imported, so it runs as a plain script. :func:`serve`
+is the protocol itself, for other modules' worker scripts (other events, e.g. ``token``, pass through).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ WEIGHTS_HELP = (
     "A local model is a folder holding config.json and model.safetensors."
 )
 Emit = Callable[[dict], None]
+Task = Callable[[Path, Emit, threading.Event], None]
 
 
 def resolve_device(device: str) -> str:
@@ -45,12 +47,25 @@ def resolve_device(device: str) -> str:
     raise InputError("no GPU was found (neither CUDA nor Apple MPS): choose device CPU or Auto")
 
 
+def lay_out(folder: Path, volume: np.ndarray, affine: np.ndarray, options: dict, **fields) -> None:
+    """Write ``volume`` and the job (``options``, ``affine`` and ``fields``) for a worker's :func:`read_job`."""
+    np.save(folder / VOLUME_FILE, volume)
+    job = {"options": options, "affine": np.asarray(affine).tolist(), **fields}
+    (folder / JOB_FILE).write_text(json.dumps(job))
+
+
+def read_job(folder: Path, emit: Emit) -> dict:
+    """The job laid out in ``folder`` (announcing the model loaded next); voxels under ``job["volume"]``."""
+    job = json.loads((folder / JOB_FILE).read_text())
+    job["volume"] = np.load(folder / VOLUME_FILE)
+    emit({"event": "status", "message": f"Loading model {job['options']['model']}"})
+    return job
+
+
 def write_job(folder: Path, volume: np.ndarray, affine: np.ndarray, prompts: list[str], options: dict,
               modality: str | None = None) -> None:
-    """Lay out a job in ``folder`` for :func:`run`."""
-    np.save(folder / VOLUME_FILE, volume)
-    job = {"prompts": prompts, "options": options, "affine": np.asarray(affine).tolist(), "modality": modality}
-    (folder / JOB_FILE).write_text(json.dumps(job))
+    """Lay out a segmentation in ``folder`` for :func:`run`."""
+    lay_out(folder, volume, affine, options, prompts=prompts, modality=modality)
 
 
 def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
@@ -60,13 +75,12 @@ def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
     from voxtext.errors import Cancelled
     from voxtext.volume import Volume
 
-    job = json.loads((folder / JOB_FILE).read_text())
+    job = read_job(folder, emit)
     options = job["options"]
-    emit({"event": "status", "message": f"Loading model {options['model']}"})
     segmenter = Segmenter(options["model"], device=resolve_device(options["device"]))
     if cancel.is_set():
         raise Cancelled("segmentation cancelled")
-    volume = Volume(np.load(folder / VOLUME_FILE), np.asarray(job["affine"]), job.get("modality"))
+    volume = Volume(job["volume"], np.asarray(job["affine"]), job.get("modality"))
     emit({"event": "status", "message": f"Segmenting {len(job['prompts'])} target(s) on {segmenter.device}"})
     result = segmenter.segment(
         volume,
@@ -85,7 +99,8 @@ def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
     emit({"event": "done"})
 
 
-def explain(error: BaseException) -> tuple[str, str]:
+def explain(error: BaseException, what: str = "segmentation", weights_help: str = WEIGHTS_HELP,
+            memory_help: str = "Try quality 'fast', fewer targets at once, or device CPU") -> tuple[str, str]:
     """(kind, plain-words message) of a failure: cancelled, dependencies, weights, memory, input or internal."""
     if isinstance(error, ImportError):
         return "dependencies", (
@@ -96,14 +111,11 @@ def explain(error: BaseException) -> tuple[str, str]:
 
     text = str(error) or type(error).__name__
     if isinstance(error, Cancelled):
-        return "cancelled", "Segmentation cancelled."
+        return "cancelled", f"{what.capitalize()} cancelled."
     if isinstance(error, CheckpointError):
-        return "weights", f"The model could not be loaded: {text}. {WEIGHTS_HELP}"
+        return "weights", f"The model could not be loaded: {text}. {weights_help}"
     if isinstance(error, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text:
-        return "memory", (
-            "Out of memory. Try quality 'fast', fewer targets at once, or device CPU "
-            "(the CPU usually has more memory than the GPU)."
-        )
+        return "memory", f"Out of memory. {memory_help} (the CPU usually has more memory than the GPU)."
     if isinstance(error, VoxTextError):
         return "input", text[0].upper() + text[1:]
     return "internal", f"Unexpected error: {type(error).__name__}: {text}"
@@ -114,7 +126,9 @@ def _cancel_when_stdin_closes(cancel: threading.Event) -> None:
     cancel.set()
 
 
-def main(argv: list[str] | None = None) -> int:
+def serve(task: Task, argv: list[str] | None = None,
+          explain: Callable[[BaseException], tuple[str, str]] = explain) -> int:
+    """Run ``task(FOLDER, emit, cancel)`` under the protocol; the exit status (0 done, 1 failed)."""
     argv = sys.argv[1:] if argv is None else argv
     folder = Path(argv[0])
     # The protocol owns the real stdout; anything else printed (libraries, C code) goes to stderr.
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     cancel = threading.Event()
     threading.Thread(target=_cancel_when_stdin_closes, args=(cancel,), daemon=True).start()
     try:
-        run(folder, emit, cancel)
+        task(folder, emit, cancel)
         return 0
     except BaseException as error:  # noqa: BLE001 - every failure is reported to the parent in words
         traceback.print_exc()
@@ -138,4 +152,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve(run))

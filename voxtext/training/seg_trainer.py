@@ -213,7 +213,7 @@ class SegTrainer:
             writer.writerow([stage, step, f"{loss:.6f}", f"{lr:.3e}", f"{elapsed:.1f}"])
 
 
-def plot_curve(metrics_csv: Path, output_png: Path) -> None:
+def plot_curve(metrics_csv: Path, output_png: Path, ylabel: str = "DiceFocal loss") -> None:
     """Loss per step for each stage, saved as a PNG."""
     import matplotlib
 
@@ -230,7 +230,7 @@ def plot_curve(metrics_csv: Path, output_png: Path) -> None:
         ax.plot([offset + int(r["step"]) for r in part], [float(r["loss"]) for r in part], label=stage)
         offset += int(part[-1]["step"])
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("DiceFocal loss")
+    ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
     fig.savefig(output_png, dpi=120)

@@ -1,0 +1,164 @@
+"""``POST /v1/segment``: a NIfTI/NRRD upload plus prompts in, a label map on the input grid out."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from ..api import Segmenter
+from ..errors import InputError
+from .app import slot_for
+from .codec import TooLargeError, decode_volume, encode_nifti, label_layers
+from .workers import Job, ModelSlot
+
+log = logging.getLogger("voxtext.server")
+router = APIRouter(tags=["segmentation"])
+
+
+class SegmentOptions(BaseModel):
+    """Form fields of a segmentation request (the volume travels as the ``volume`` file part)."""
+
+    prompts: list[str] = Field(min_length=1, max_length=64, description="targets in plain language, one per field")
+    model: str = Field("default", description="a model resident on this server (GET /v1/models)")
+    quality: Literal["accurate", "fast"] = "accurate"
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    overlap: float | None = Field(None, ge=0.0, lt=1.0, description="sliding-window overlap (default: by quality)")
+    pass_num: int | None = Field(None, ge=1, le=4, description="refinement passes (default: the checkpoint's)")
+    roi: str | None = Field(None, description="voxel bounds as JSON, e.g. [[0,256],[0,512],[40,200]]")
+    keep_largest: bool = False
+    fill_holes: bool = False
+    overlap_policy: Literal["independent", "argmax"] = "independent"
+    laterality: bool = True
+    modality: Literal["CT", "MR", "PET", "US"] | None = None
+
+    def parsed_roi(self) -> list[list[int]] | None:
+        if self.roi is None:
+            return None
+        try:
+            roi = json.loads(self.roi)
+            return [[int(start), int(stop)] for start, stop in roi]
+        except (ValueError, TypeError) as error:
+            raise InputError(f"roi must be JSON [[i0, i1], [j0, j1], [k0, k1]], got {self.roi!r}") from error
+
+
+class SegmentInfo(BaseModel):
+    label: int = Field(description="value of this segment in its layer of the label map")
+    layer: int = Field(description="layer (4th axis) holding the segment; 0 when the map is 3-D")
+    prompt: str
+    voxels: int
+    volume_ml: float
+
+
+class SegmentationResult(BaseModel):
+    """The label map on exactly the input grid, with what each label value means."""
+
+    model: str
+    shape: list[int] = Field(description="input grid (i, j, k)")
+    affine: list[list[float]] = Field(description="voxel -> RAS mm, as decoded from the upload")
+    segments: list[SegmentInfo]
+    seconds: float = Field(description="server-side time of decode, inference and encode")
+    labelmap: str = Field(description="base64 of a gzipped NIfTI-1 label map: (i, j, k), or (i, j, k, layers) "
+                                      "when masks overlap")
+
+
+def _run(data: bytes, options: SegmentOptions, max_bytes: int) -> Callable[[Segmenter, threading.Event, Callable],
+                                                                               SegmentationResult]:
+    """The job for a worker thread: decode, segment, encode (logs sizes and timings only)."""
+
+    def job(segmenter: Segmenter, cancel: threading.Event, progress: Callable[[int, int], None]) -> SegmentationResult:
+        t0 = time.perf_counter()
+        volume = decode_volume(data, max_bytes, options.modality)
+        result = segmenter.segment(
+            volume, options.prompts, quality=options.quality, threshold=options.threshold, overlap=options.overlap,
+            pass_num=options.pass_num, roi=options.parsed_roi(), keep_largest=options.keep_largest,
+            fill_holes=options.fill_holes, overlap_policy=options.overlap_policy, laterality=options.laterality,
+            modality=options.modality, progress=progress, cancel=cancel,
+        )
+        labels, layer_of = label_layers(result)
+        counts = result.masks.reshape(len(result.prompts), -1).sum(1)
+        segments = [SegmentInfo(label=i + 1, layer=layer_of[i], prompt=p, voxels=int(counts[i]),
+                                volume_ml=float(counts[i]) * result.voxel_volume_ml)
+                    for i, p in enumerate(result.prompts)]
+        encoded = base64.b64encode(encode_nifti(labels, result.affine)).decode("ascii")
+        seconds = time.perf_counter() - t0
+        log.info("segment: %d bytes in, grid %s, %d prompts, %s, %.2f s", len(data), volume.shape,
+                 len(result.prompts), options.quality, seconds)
+        return SegmentationResult(model=segmenter.model_name, shape=list(volume.shape),
+                                  affine=result.affine.tolist(), segments=segments, seconds=seconds, labelmap=encoded)
+
+    return job
+
+
+async def _result(job: Job[SegmentationResult], request: Request) -> SegmentationResult | Response:
+    """Wait for the job; a client that disconnects meanwhile cancels it."""
+    try:
+        while not (await asyncio.wait({job.future}, timeout=0.25))[0]:
+            if await request.is_disconnected():
+                return Response(status_code=499)  # nobody reads it; the finally clause cancels the job
+        return job.future.result()
+    finally:
+        job.abort()  # no-op once finished; stops the job if this handler itself is cancelled
+
+
+def _line(event: dict) -> bytes:
+    return (json.dumps(event) + "\n").encode()
+
+
+async def _events(job: Job[SegmentationResult]) -> AsyncIterator[bytes]:
+    """NDJSON: ``progress`` events every half second, then one ``result`` or ``error`` event."""
+    try:
+        while not (await asyncio.wait({job.future}, timeout=0.5))[0]:
+            done, total = job.progress
+            state = "running" if job.started.is_set() else "queued"
+            yield _line({"event": "progress", "state": state, "done": done, "total": total})
+        try:
+            yield _line({"event": "result", "result": job.future.result().model_dump()})
+        except InputError as error:
+            yield _line({"event": "error", "status": 413 if isinstance(error, TooLargeError) else 422,
+                         "detail": str(error)})
+        except Exception as error:  # reported to the client; the traceback stays in the server log
+            log.exception("segment job failed")
+            yield _line({"event": "error", "status": 500, "detail": type(error).__name__})
+    finally:
+        job.abort()  # the client went away (or the stream ended): stop the job, free its place
+
+
+@router.post(
+    "/v1/segment",
+    response_model=SegmentationResult,
+    summary="Segment the targets named in `prompts` in an uploaded volume",
+    responses={
+        200: {"content": {"application/x-ndjson": {}},
+              "description": "The result; with `stream=true` an NDJSON stream of progress events ending in one "
+                             "`result` (this object under `result`) or `error` event."},
+        401: {"description": "missing or wrong bearer token"},
+        404: {"description": "model not loaded"},
+        413: {"description": "request body or decoded volume too large"},
+        422: {"description": "malformed volume or invalid option, with the reason"},
+        503: {"description": "the model's queue is full; see Retry-After"},
+    },
+)
+async def segment(
+    request: Request,
+    volume: Annotated[UploadFile, File(description="NIfTI (.nii, .nii.gz) or NRRD with attached data")],
+    options: Annotated[SegmentOptions, Form()],
+    stream: Annotated[bool, Query(description="NDJSON progress events, then the result")] = False,
+) -> SegmentationResult | Response:
+    slot: ModelSlot[Segmenter] = slot_for(request, options.model, "segmentation")
+    data = await volume.read()
+    if not data:
+        raise HTTPException(422, "the uploaded volume is empty")
+    job = slot.submit(_run(data, options, request.app.state.config.max_volume_bytes))
+    if stream:
+        return StreamingResponse(_events(job), media_type="application/x-ndjson")
+    return await _result(job, request)

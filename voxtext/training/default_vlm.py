@@ -1,0 +1,98 @@
+"""Recipe and held-out evaluation of the embedded default VLM (``voxtext/weights/vlm-default``).
+
+``python -m voxtext.training.default_vlm --out runs/vlm-default`` retrains it from scratch on CPU
+(deterministic seeds: phantoms 0..N-1 for training, 100000+ for evaluation), evaluates it and writes
+``eval.json``; the model card records the figures of the shipped run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from ..phantom import generate_phantom
+from ..report import Reporter
+from ..volume import Volume
+from .train_vlm import ModelSize, Stage, phantom_cases, train
+
+HELD_OUT_SEED = 100_000
+# How voxtext.phantom.write_report words each lesion type.
+KIND_WORDS = {"cyst": "simple cyst", "tumor": "solid mass", "stone": "calculus"}
+ORGANS = ("liver", "spleen", "pancreas", "right kidney", "left kidney")
+
+
+def mentioned_lesions(report: str) -> set[tuple[str, str]]:
+    """(organ, lesion type) pairs a report's FINDINGS lines mention, e.g. ``("left kidney", "cyst")``."""
+    found = set()
+    for organ in ORGANS:
+        for line in re.findall(rf"^{organ.capitalize()}:(.*)$", report, flags=re.MULTILINE):
+            found |= {(organ, kind) for kind, words in KIND_WORDS.items() if words in line}
+    return found
+
+
+def true_lesions(findings: Iterable[dict]) -> set[tuple[str, str]]:
+    return {(f"{f['side']} kidney" if f["side"] else f["organ"], f["type"]) for f in findings}
+
+
+def evaluate(reporter: Reporter, seeds: Iterable[int], lesions: float = 0.5) -> dict:
+    """Greedy closed-question accuracy and report findings recall / precision / hallucinations on phantoms."""
+    d, h, w = reporter.image_size
+    closed = correct = unparsed = tp = fp = fn = normal = normal_with_lesion = 0
+    for seed in seeds:
+        ph = generate_phantom(seed, shape=(w, h, d), lesions=lesions)
+        volume = Volume(ph.image, ph.affine, "CT")
+        for item in ph.qa:
+            if item["type"] != "closed":
+                continue
+            answer = reporter.ask(volume, item["question"], item["choices"], greedy=True)
+            closed += 1
+            correct += answer.choice == item["answer"]
+            unparsed += answer.index is None
+        said, truth = mentioned_lesions(reporter.report(volume, greedy=True)), true_lesions(ph.findings)
+        tp, fp, fn = tp + len(said & truth), fp + len(said - truth), fn + len(truth - said)
+        if not truth:
+            normal += 1
+            normal_with_lesion += bool(said)
+    return {
+        "closed_questions": closed, "closed_accuracy": correct / max(closed, 1), "unparsed_answers": unparsed,
+        "findings_recall": tp / max(tp + fn, 1), "findings_precision": tp / max(tp + fp, 1),
+        "true_findings": tp + fn, "normal_cases": normal,
+        "normal_cases_with_hallucinated_lesion": normal_with_lesion,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Retrain and evaluate the embedded default VLM from scratch.")
+    parser.add_argument("--out", default="runs/vlm-default")
+    parser.add_argument("--cases", type=int, default=400, help="training phantoms")
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-cases", type=int, default=40, help="held-out phantoms (a quarter without lesions)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out, size, t0 = Path(args.out), ModelSize(), time.time()
+    cases = phantom_cases(range(args.cases), size.image_size, size.image_window)
+    folder, losses = train(cases, out, size, [Stage("full", args.steps, args.lr)])
+    train_s = time.time() - t0
+    reporter = Reporter(folder, device="cpu")
+    n_normal = args.eval_cases // 4
+    seeds = range(HELD_OUT_SEED, HELD_OUT_SEED + args.eval_cases - n_normal)
+    normal_seeds = range(HELD_OUT_SEED + 50_000, HELD_OUT_SEED + 50_000 + n_normal)
+    scores = {"lesion_cases": evaluate(reporter, seeds), "normal_cases": evaluate(reporter, normal_seeds, 0.0),
+              "train_seconds": round(train_s, 1), "final_loss": losses[-1],
+              "parameters": int(sum(p.numel() for p in reporter.model.parameters()))}
+    scores["eval_seconds"] = round(time.time() - t0 - train_s, 1)
+    (out / "eval.json").write_text(json.dumps(scores, indent=2, default=float))
+    print(json.dumps(scores, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
