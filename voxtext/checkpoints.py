@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,16 +104,22 @@ def write_lock(folder: Path, revision: str | None) -> None:
     (folder / LOCK_FILE).write_text(json.dumps({"revision": revision, "sha256": digests}, indent=2))
 
 
-def _download(spec: ModelSpec, download: bool, cache_dir: str | None) -> Path:
+def fetch_snapshot(
+    spec: ModelSpec, files: Sequence[str], required: str, download: bool = True, cache_dir: str | None = None
+) -> Path:
+    """The folder of ``spec`` in the Hugging Face cache holding ``files`` (glob patterns), downloaded if allowed.
+
+    The cache is used when ``required`` is there; otherwise the error says how to fetch the files elsewhere.
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     prefix = f"{spec.subfolder}/" if spec.subfolder else ""
-    patterns = [prefix + CONFIG_FILE, prefix + WEIGHTS_FILE, prefix + LOCK_FILE]
-    kwargs = dict(repo_id=spec.repo_id, revision=spec.revision, allow_patterns=patterns, cache_dir=cache_dir)
+    kwargs = dict(repo_id=spec.repo_id, revision=spec.revision, allow_patterns=[prefix + f for f in files],
+                  cache_dir=cache_dir)
     try:
         root = Path(snapshot_download(local_files_only=True, **kwargs))
-        if (root / prefix / WEIGHTS_FILE).exists():
+        if (root / prefix / required).exists():
             return root / prefix
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
         pass
@@ -120,10 +127,14 @@ def _download(spec: ModelSpec, download: bool, cache_dir: str | None) -> Path:
     if not download or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise WeightsNotFoundError(_offline_message(spec, command))
     try:
-        root = Path(snapshot_download(**kwargs))  # tqdm progress bars come from huggingface_hub
+        return Path(snapshot_download(**kwargs)) / prefix  # tqdm progress bars come from huggingface_hub
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
         raise WeightsNotFoundError(_offline_message(spec, command) + f" (download failed: {exc})") from exc
-    folder = check_folder(root / prefix)
+
+
+def _download(spec: ModelSpec, download: bool, cache_dir: str | None) -> Path:
+    folder = check_folder(fetch_snapshot(spec, [CONFIG_FILE, WEIGHTS_FILE, LOCK_FILE], WEIGHTS_FILE, download,
+                                         cache_dir))
     if not (folder / LOCK_FILE).exists():
         write_lock(folder, spec.revision)
     return folder

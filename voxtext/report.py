@@ -20,7 +20,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, TextStreamer
 
 from .api import as_volume
-from .checkpoints import PACKAGE_WEIGHTS, ModelSpec, _offline_message, parse_hf_uri
+from .checkpoints import PACKAGE_WEIGHTS, ModelSpec, fetch_snapshot, parse_hf_uri
 from .errors import CheckpointError, InputError, WeightsNotFoundError
 from .inference import Precision, resolve_device
 from .models.dcformer import DCFormerConfig, med3dvlm_config
@@ -130,34 +130,13 @@ def resolve_vlm(model: str | Path, download: bool = True) -> Path:
             raise WeightsNotFoundError(f"the embedded default VLM is missing from {folder}; reinstall voxtext")
         return folder
     if name in VLM_REGISTRY or name.startswith("hf://"):
-        return _download(VLM_REGISTRY.get(name) or parse_hf_uri(name), download)
+        return fetch_snapshot(VLM_REGISTRY.get(name) or parse_hf_uri(name), VLM_FILES, "config.json", download)
     folder = Path(name).expanduser()
     if not (folder / "config.json").is_file():
         raise CheckpointError(
             f"{name!r} is neither a VLM name ({', '.join(VLM_REGISTRY)}), an hf:// URI nor a folder with config.json"
         )
     return folder
-
-
-def _download(spec: ModelSpec, download: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    prefix = f"{spec.subfolder}/" if spec.subfolder else ""
-    kwargs = dict(repo_id=spec.repo_id, revision=spec.revision, allow_patterns=[prefix + p for p in VLM_FILES])
-    try:
-        root = Path(snapshot_download(local_files_only=True, **kwargs))
-        if (root / prefix / "config.json").is_file():
-            return root / prefix
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        pass
-    message = _offline_message(spec, f"huggingface-cli download {spec.repo_id} --revision {spec.revision}")
-    if not download:
-        raise WeightsNotFoundError(message)
-    try:
-        return Path(snapshot_download(**kwargs)) / prefix  # progress bars from huggingface_hub
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-        raise WeightsNotFoundError(f"{message} (download failed: {exc})") from exc
 
 
 def vision_config_of(config: Med3DVLMConfig) -> DCFormerConfig:
