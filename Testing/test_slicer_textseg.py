@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,21 @@ def test_segmentation_under_a_transform(core, volume_node, backend):
 
 def test_worker_matches_backend(core, volume_node, backend):
     selftest.check_worker_matches_backend(core, volume_node, backend)
+
+
+def test_remote_server_option_matches_backend(core, volume_node, backend, monkeypatch):
+    from voxtext.api import Segmenter
+    from voxtext.server.app import ServerConfig, create_app, running
+    from voxtext.server.workers import ModelSlot
+
+    monkeypatch.setenv("VOXTEXT_TOKEN", "module-token")  # the worker reads the token from its environment
+    slot = ModelSlot("default", "segmentation", Segmenter("default", device="cpu"), 1, 4)
+    with running(create_app(ServerConfig(token="module-token"), {"default": slot})) as url:
+        selftest.check_worker_matches_backend(core, volume_node, backend, replace(selftest.OPTIONS, server=url))
+    with pytest.raises(ValueError, match="http"):
+        SegmentOptions(server="gpu-host:8000")
+    with pytest.raises(ValueError, match="this computer"):
+        SegmentOptions(server="http://gpu-host:8000", probabilities=True)
 
 
 def test_cancel_leaves_scene_unchanged(core, volume_node):

@@ -21,6 +21,7 @@ EXPECTED = {
         "modelPathEdit": "ctkPathLineEdit",
         "deviceSelector": "QComboBox",
         "qualitySelector": "QComboBox",
+        "serverEdit": "QLineEdit",
         "outputSegmentationSelector": "qMRMLNodeComboBox",
         "existingSegmentsSelector": "QComboBox",
         "probabilityCheckBox": "QCheckBox",

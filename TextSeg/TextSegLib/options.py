@@ -36,11 +36,17 @@ class SegmentOptions:
     device: Device = "auto"
     quality: Quality = "fast"
     probabilities: bool = False
+    # A ``voxtext serve`` URL runs the model there (its token comes from VOXTEXT_TOKEN, never from a file).
+    server: str = ""
 
     def __post_init__(self) -> None:
         check_model_and_device(self.model, self.device)
         if self.quality not in QUALITIES:
             raise ValueError(f"quality must be one of {', '.join(QUALITIES)}, got {self.quality!r}")
+        if self.server and not self.server.startswith(("http://", "https://")):
+            raise ValueError(f"the server must be an http:// or https:// URL, got {self.server!r}")
+        if self.server and self.probabilities:
+            raise ValueError("probability volumes are only available when the model runs on this computer")
 
     def to_json(self) -> dict:
         return asdict(self)

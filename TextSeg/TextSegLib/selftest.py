@@ -211,10 +211,11 @@ def check_refusals_leave_scene(core: TextSegCore, volume_node, backend) -> None:
         assert scene_state(core.scene) == before, "a refused result changed the scene"
 
 
-def check_worker_matches_backend(core: TextSegCore, volume_node, backend) -> None:
-    """The background worker's segments are the backend's masks, with progress reported on the way."""
+def check_worker_matches_backend(core: TextSegCore, volume_node, backend, options: SegmentOptions = OPTIONS) -> None:
+    """The background worker's segments (computed here or on ``options.server``) are the backend's masks,
+    with progress reported on the way."""
     events = []
-    result = core.segment(volume_node, ", ".join(backend.prompts), options=OPTIONS, on_event=events.append)
+    result = core.segment(volume_node, ", ".join(backend.prompts), options=options, on_event=events.append)
     kinds = [e.kind for e in events]
     assert "status" in kinds and "progress" in kinds and kinds[-1] == "done", kinds
     for segment_id, mask in zip(result.segment_ids, backend.masks):

@@ -77,11 +77,17 @@ def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
 
     job = read_job(folder, emit)
     options = job["options"]
-    segmenter = Segmenter(options["model"], device=resolve_device(options["device"]))
+    if options.get("server"):
+        from voxtext.server.client import RemoteSegmenter
+
+        segmenter = RemoteSegmenter(options["server"], os.environ.get("VOXTEXT_TOKEN"), model=options["model"])
+    else:
+        segmenter = Segmenter(options["model"], device=resolve_device(options["device"]))
     if cancel.is_set():
         raise Cancelled("segmentation cancelled")
     volume = Volume(job["volume"], np.asarray(job["affine"]), job.get("modality"))
-    emit({"event": "status", "message": f"Segmenting {len(job['prompts'])} target(s) on {segmenter.device}"})
+    where = options.get("server") or segmenter.device
+    emit({"event": "status", "message": f"Segmenting {len(job['prompts'])} target(s) on {where}"})
     result = segmenter.segment(
         volume,
         job["prompts"],

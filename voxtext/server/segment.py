@@ -115,12 +115,14 @@ def _line(event: dict) -> bytes:
 
 
 async def _events(job: Job[SegmentationResult]) -> AsyncIterator[bytes]:
-    """NDJSON: ``progress`` events every half second, then one ``result`` or ``error`` event."""
+    """NDJSON: ``progress`` events every half second and at the end, then one ``result`` or ``error`` event."""
     try:
         while not (await asyncio.wait({job.future}, timeout=0.5))[0]:
             done, total = job.progress
             state = "running" if job.started.is_set() else "queued"
             yield _line({"event": "progress", "state": state, "done": done, "total": total})
+        done, total = job.progress  # the final count, however short the job was
+        yield _line({"event": "progress", "state": "finished", "done": done, "total": total})
         try:
             yield _line({"event": "result", "result": job.future.result().model_dump()})
         except InputError as error:
