@@ -21,8 +21,9 @@ from voxtext.api import Segmenter
 from voxtext.cli import main
 from voxtext.errors import Cancelled
 from voxtext.phantom import generate_phantom
+from voxtext.report import Reporter
 from voxtext.server.app import ServerConfig, create_app, running
-from voxtext.server.client import RemoteSegmenter, ServerError
+from voxtext.server.client import RemoteReporter, RemoteSegmenter, ServerError
 from voxtext.server.codec import encode_volume
 from voxtext.server.workers import ModelSlot
 from voxtext.volume import Volume
@@ -36,9 +37,10 @@ def segmenter() -> Segmenter:
 
 
 @contextmanager
-def serve(segmenter: Segmenter, concurrency: int = 1, max_queue: int = 4, **config) -> Iterator[str]:
-    """A real uvicorn server on a free loopback port serving ``segmenter``; yields its URL."""
-    slot = ModelSlot("default", "segmentation", segmenter, concurrency, max_queue)
+def serve(model: Segmenter | Reporter, concurrency: int = 1, max_queue: int = 4, kind: str = "segmentation",
+          **config) -> Iterator[str]:
+    """A real uvicorn server on a free loopback port serving ``model`` as a ``kind`` slot; yields its URL."""
+    slot = ModelSlot("default", kind, model, concurrency, max_queue)
     with running(create_app(ServerConfig(**config), {"default": slot})) as url:
         yield url
 
@@ -183,8 +185,10 @@ def test_non_loopback_bind_needs_a_token(monkeypatch, capsys) -> None:
 
 
 @pytest.fixture(scope="module")
-def api_schema(segmenter: Segmenter) -> Iterator[schemathesis.BaseSchema]:
-    with serve(segmenter, token=TOKEN, max_body_mb=1) as url:
+def api_schema(segmenter: Segmenter, reporter: Reporter) -> Iterator[schemathesis.BaseSchema]:
+    slots = {"segment": ModelSlot("default", "segmentation", segmenter),
+             "report": ModelSlot("default", "report", reporter)}
+    with running(create_app(ServerConfig(token=TOKEN, max_body_mb=1), slots)) as url:
         yield schemathesis.openapi.from_url(f"{url}/openapi.json")
 
 
@@ -195,3 +199,52 @@ fuzz = schemathesis.pytest.from_fixture("api_schema")
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 def test_schema_fuzz_never_5xx(case: schemathesis.Case) -> None:
     case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, checks=[not_a_server_error])
+
+
+@pytest.fixture(scope="module")
+def reporter() -> Reporter:
+    return Reporter("default", device="cpu")
+
+
+def test_report_and_ask_equal_in_process(reporter: Reporter, tmp_path, capsys) -> None:
+    case = generate_phantom(11, shape=(64, 64, 64))
+    path = tmp_path / "ct.nii.gz"
+    Volume(case.image, case.affine).save(path)
+    question, choices = "Is there a kidney stone?", ["yes", "no"]
+    local_report = reporter.report(path, greedy=True)
+    local_answer = reporter.ask(path, question, choices, greedy=True)
+    with serve(reporter, kind="report", token=TOKEN) as url, RemoteReporter(url, TOKEN) as remote:
+        pieces: list[str] = []
+        assert remote.report(path, stream=pieces.append, greedy=True) == local_report
+        assert len(pieces) > 5 and "".join(pieces).strip() == local_report
+        assert remote.ask(path, question, choices, greedy=True) == local_answer
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        upload = {"volume": path.read_bytes()}
+        plain = httpx.post(f"{url}/v1/report", headers=auth, data={"greedy": "true"}, files=upload)
+        assert plain.status_code == 200 and plain.json()["text"] == local_report
+        open_answer = httpx.post(f"{url}/v1/ask", headers=auth, data={"question": question}, files=upload).json()
+        assert open_answer["choices"] == [] and open_answer["index"] is None
+        malformed = httpx.post(f"{url}/v1/ask", headers=auth, data={"question": question},
+                               files={"volume": b"not a volume" * 40})
+        assert malformed.status_code == 422 and "not a NIfTI or NRRD" in malformed.json()["detail"]
+        assert remote.models()["loaded"][0]["kind"] == "report"
+        capsys.readouterr()
+        assert main(["report", str(path), "--greedy", "--server", url, "--token", TOKEN]) == 0
+        assert capsys.readouterr().out.strip() == local_report
+
+
+def test_report_server_auth_and_schema(reporter: Reporter) -> None:
+    with serve(reporter, kind="report", token=TOKEN) as url:
+        paths = httpx.get(f"{url}/openapi.json").json()["paths"]
+        assert {"/v1/report", "/v1/ask"} <= set(paths) and "application/x-ndjson" in \
+            paths["/v1/report"]["post"]["responses"]["200"]["content"]
+        for endpoint in ("/v1/report", "/v1/ask"):
+            response = httpx.post(f"{url}{endpoint}", headers={"Authorization": "Bearer wrong"},
+                                  data={"question": "Any lesion?"}, files={"volume": encode_volume(tiny(0))})
+            assert response.status_code == 401
+        with pytest.raises(ServerError) as refused:
+            RemoteReporter(url, "wrong").ask(tiny(0), "Any lesion?", ["yes", "no"])
+        assert refused.value.status == 401
+        with pytest.raises(ServerError, match="not loaded") as missing:
+            RemoteReporter(url, TOKEN, model="med3dvlm").report(tiny(0))
+        assert missing.value.status == 404

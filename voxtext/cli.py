@@ -84,6 +84,10 @@ def _reporter(args: argparse.Namespace):
     if args.model == "default":
         print("Using the embedded default VLM (voxtext/weights/vlm-default, trained on phantoms only); "
               "pass --model med3dvlm for the published Med3DVLM.", file=sys.stderr)
+    if args.server:
+        from .server.client import RemoteReporter
+
+        return RemoteReporter(args.server, token=args.token, model=args.model)
     return Reporter(args.model, device=args.device, precision=args.precision, allow_slow=args.allow_slow)
 
 
@@ -164,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         vlm.add_argument("--greedy", action="store_true", help="greedy decoding instead of the checkpoint's defaults")
         vlm.add_argument("--max-new-tokens", type=int, default=None)
         vlm.add_argument("--allow-slow", action="store_true", help="run a >1B-parameter model on a CPU anyway")
+        vlm.add_argument("--server", default=None, help=f"{name} on a 'voxtext serve --vlm' server at this URL")
+        vlm.add_argument("--token", default=os.environ.get("VOXTEXT_TOKEN"), help="server token (env VOXTEXT_TOKEN)")
         vlm.set_defaults(func=cmd_report if name == "report" else cmd_ask)
 
     for name, (_, _, text) in DELEGATED.items():

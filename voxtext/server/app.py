@@ -1,7 +1,8 @@
 """The FastAPI application, its guard (bearer token, body size) and ``voxtext serve``.
 
 Model families plug in as routers over :class:`~voxtext.server.workers.ModelSlot` objects held in
-``app.state.slots`` (name -> slot); segmentation is :mod:`voxtext.server.segment`.
+``app.state.slots`` (a unique key -> slot; requests pick a slot by its name and kind): segmentation is
+:mod:`voxtext.server.segment`, report and VQA are :mod:`voxtext.server.report`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
@@ -101,6 +102,7 @@ class Guard:
 
 def create_app(config: ServerConfig, slots: dict[str, ModelSlot]) -> FastAPI:
     """The application serving the resident models in ``slots``; they are closed on shutdown."""
+    from .report import router as report_router
     from .segment import router as segment_router
 
     @asynccontextmanager
@@ -110,9 +112,9 @@ def create_app(config: ServerConfig, slots: dict[str, ModelSlot]) -> FastAPI:
             slot.close()
 
     app = FastAPI(title="VoxText inference server", version=__version__, lifespan=lifespan,
-                  description="Text-guided 3-D segmentation. Volumes travel as NIfTI/NRRD bytes, never as JSON "
-                              "arrays. With a token set, every endpoint but /health and the schema needs "
-                              "`Authorization: Bearer <token>`.")
+                  description="Text-guided 3-D segmentation, reports and visual question answering. Volumes "
+                              "travel as NIfTI/NRRD bytes, never as JSON arrays. With a token set, every endpoint "
+                              "but /health and the schema needs `Authorization: Bearer <token>`.")
     app.state.config, app.state.slots = config, slots
     app.add_middleware(Guard, token=config.token, max_body=config.max_body_bytes)
     # Enforcement is in Guard (before the upload is read); this dependency only documents the scheme.
@@ -139,25 +141,28 @@ def create_app(config: ServerConfig, slots: dict[str, ModelSlot]) -> FastAPI:
                 "known": [{"name": spec.name, "description": spec.description} for spec in list_models()]}
 
     app.include_router(segment_router, dependencies=secured)
+    app.include_router(report_router, dependencies=secured)
     return app
 
 
 def slot_for(request: Request, name: str, kind: str) -> ModelSlot:
     """The resident slot ``name`` of family ``kind``, or 404 naming the ones loaded."""
-    slot = request.app.state.slots.get(name)
-    if slot is None or slot.kind != kind:
-        loaded = [n for n, s in request.app.state.slots.items() if s.kind == kind]
+    slot = next((s for s in request.app.state.slots.values() if s.name == name and s.kind == kind), None)
+    if slot is None:
+        loaded = [s.name for s in request.app.state.slots.values() if s.kind == kind]
         raise HTTPException(404, f"model {name!r} is not loaded on this server; loaded {kind} models: {loaded}")
     return slot
 
 
 def build_app(config: ServerConfig, models: list[str], device: str = "auto", precision: str = "fp32",
-              concurrency: int = 1, max_queue: int = 4) -> FastAPI:
-    """Load each segmentation model once into its own slot and return the app serving them."""
+              concurrency: int = 1, max_queue: int = 4, vlms: Sequence[str] = ()) -> FastAPI:
+    """Load each segmentation model and VLM once into its own slot and return the app serving them."""
     from ..api import Segmenter
+    from ..report import Reporter
 
-    slots = {name: ModelSlot(name, "segmentation", Segmenter(name, device, precision), concurrency, max_queue)
-             for name in models}
+    loaded = [("segmentation", name, Segmenter(name, device, precision)) for name in models] + \
+             [("report", name, Reporter(name, device, precision)) for name in vlms]
+    slots = {f"{kind}:{name}": ModelSlot(name, kind, model, concurrency, max_queue) for kind, name, model in loaded}
     return create_app(config, slots)
 
 
@@ -189,6 +194,8 @@ def main_serve(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--token", default=os.environ.get("VOXTEXT_TOKEN"), help="bearer token (env VOXTEXT_TOKEN)")
     parser.add_argument("--model", action="append", help="segmentation model to keep resident (repeatable)")
+    parser.add_argument("--vlm", action="append", default=[],
+                        help="report/VQA model to keep resident, e.g. default (repeatable)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--concurrency", type=int, default=1, help="jobs running at once per model")
@@ -201,9 +208,10 @@ def main_serve(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = ServerConfig(token=args.token or None, max_body_mb=args.max_body_mb)
-    models = list(dict.fromkeys(args.model or ["default"]))
-    app = build_app(config, models, args.device, args.precision, args.concurrency, args.max_queue)
-    log.info("serving %s on %s:%d (token %s)", json.dumps(models), args.host, args.port,
+    models = list(dict.fromkeys(args.model or ([] if args.vlm else ["default"])))
+    vlms = list(dict.fromkeys(args.vlm))
+    app = build_app(config, models, args.device, args.precision, args.concurrency, args.max_queue, vlms)
+    log.info("serving %s and VLMs %s on %s:%d (token %s)", json.dumps(models), json.dumps(vlms), args.host, args.port,
              "required" if config.token else "off")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -1,4 +1,5 @@
-"""``RemoteSegmenter``: :class:`voxtext.Segmenter`'s ``segment()`` through a ``voxtext serve`` server."""
+"""``RemoteSegmenter`` and ``RemoteReporter``: :class:`voxtext.Segmenter`'s ``segment()`` and
+:class:`voxtext.report.Reporter`'s ``report()`` / ``ask()`` through a ``voxtext serve`` server."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import base64
 import gzip
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Self
 
 import httpx
 import nibabel as nib
@@ -17,6 +19,7 @@ from ..api import Quality, as_volume, normalize_prompts, progress_callback
 from ..errors import Cancelled, InputError, VoxTextError
 from ..inference import ProgressCallback
 from ..postprocess import OverlapPolicy
+from ..report import Answer
 from ..segmentation import Segmentation
 from ..volume import Volume
 from .codec import encode_volume, masks_from_layers
@@ -30,11 +33,8 @@ class ServerError(VoxTextError):
         self.status, self.retry_after = status, retry_after
 
 
-class RemoteSegmenter:
-    """A model resident on a ``voxtext serve`` server, used like a local :class:`voxtext.Segmenter`.
-
-    >>> seg = RemoteSegmenter("http://127.0.0.1:8000", token="...").segment("ct.nii.gz", ["liver"])  # doctest: +SKIP
-    """
+class RemoteModel:
+    """A model resident on a ``voxtext serve`` server: the HTTP session and the streamed request they all make."""
 
     def __init__(self, url: str, token: str | None = None, model: str = "default", timeout: float = 3600.0) -> None:
         self.model_name = model
@@ -42,7 +42,7 @@ class RemoteSegmenter:
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers,
                                   timeout=httpx.Timeout(timeout, connect=10.0))
 
-    def __enter__(self) -> RemoteSegmenter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -56,6 +56,34 @@ class RemoteSegmenter:
         response = self._http.get("/v1/models")
         _raise_for_status(response)
         return response.json()
+
+    def _request(self, path: str, volume: Volume, fields: dict[str, object],
+                 on_event: Callable[[dict[str, Any]], None], cancel: threading.Event | None = None) -> dict[str, Any]:
+        """POST ``volume`` (gzipped NIfTI) with ``fields`` to ``path?stream=true``; the ``result`` event's object.
+
+        Every other event goes to ``on_event``; setting ``cancel`` closes the connection, which stops the job.
+        """
+        form = {k: _form_value(v) for k, v in {"model": self.model_name, **fields}.items() if v is not None}
+        upload = {"volume": ("volume.nii.gz", encode_volume(volume), "application/gzip")}
+        with self._http.stream("POST", path, params={"stream": "true"}, data=form, files=upload) as response:
+            _raise_for_status(response)
+            for line in response.iter_lines():
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"request to {path} cancelled")  # leaving the block closes the connection
+                event = json.loads(line)
+                if event["event"] == "error":
+                    raise _error(event["status"], event["detail"])
+                if event["event"] == "result":
+                    return event["result"]
+                on_event(event)
+        raise ServerError("the server closed the stream without a result", 502)
+
+
+class RemoteSegmenter(RemoteModel):
+    """A segmentation model resident on a ``voxtext serve`` server, used like a local :class:`voxtext.Segmenter`.
+
+    >>> seg = RemoteSegmenter("http://127.0.0.1:8000", token="...").segment("ct.nii.gz", ["liver"])  # doctest: +SKIP
+    """
 
     def segment(
         self,
@@ -85,27 +113,59 @@ class RemoteSegmenter:
             raise InputError("return_probabilities is not available from a server: use voxtext.Segmenter locally")
         prompts = normalize_prompts(prompts)
         volume = as_volume(volume, modality)
-        fields = {"prompts": prompts, "model": self.model_name, "quality": quality, "threshold": threshold,
+        fields = {"prompts": prompts, "quality": quality, "threshold": threshold,
                   "overlap": overlap, "pass_num": pass_num, "roi": None if roi is None else json.dumps(roi),
                   "keep_largest": keep_largest, "fill_holes": fill_holes, "overlap_policy": overlap_policy,
                   "laterality": laterality, "modality": modality or volume.modality}
-        form = {k: _form_value(v) for k, v in fields.items() if v is not None}
-        upload = {"volume": ("volume.nii.gz", encode_volume(volume), "application/gzip")}
-        with progress_callback(progress) as report, self._http.stream(
-            "POST", "/v1/segment", params={"stream": "true"}, data=form, files=upload
-        ) as response:
-            _raise_for_status(response)
-            for line in response.iter_lines():
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("segmentation cancelled")  # leaving the block closes the connection
-                event = json.loads(line)
+        with progress_callback(progress) as report:
+            def on_event(event: dict[str, Any]) -> None:
                 if event["event"] == "progress" and report is not None and event["total"]:
                     report(event["done"], event["total"])
-                elif event["event"] == "error":
-                    raise _error(event["status"], event["detail"])
-                elif event["event"] == "result":
-                    return _segmentation(event["result"], volume)
-        raise ServerError("the server closed the stream without a result", 502)
+
+            return _segmentation(self._request("/v1/segment", volume, fields, on_event, cancel), volume)
+
+
+class RemoteReporter(RemoteModel):
+    """A report/VQA model resident on a ``voxtext serve --vlm`` server, used like a local
+    :class:`voxtext.report.Reporter`.
+
+    >>> RemoteReporter("http://127.0.0.1:8000", token="...").report("ct.nii.gz", greedy=True)  # doctest: +SKIP
+    """
+
+    def report(
+        self,
+        volume: Volume | str | Path | np.ndarray,
+        stream: Callable[[str], None] | None = None,
+        greedy: bool = False,
+        max_new_tokens: int | None = None,
+    ) -> str:
+        """A findings report; ``stream`` receives the text piece by piece as the server generates it."""
+        fields = {"greedy": greedy, "max_new_tokens": max_new_tokens}
+        return self._generate("/v1/report", volume, fields, stream)["text"]
+
+    def ask(
+        self,
+        volume: Volume | str | Path | np.ndarray,
+        question: str,
+        choices: Sequence[str] | None = None,
+        *,
+        stream: Callable[[str], None] | None = None,
+        greedy: bool = False,
+        max_new_tokens: int | None = None,
+    ) -> Answer:
+        """Answer ``question``; with ``choices`` the server parses the answer strictly into one of them."""
+        fields = {"question": question, "choices": list(choices) if choices else None, "greedy": greedy,
+                  "max_new_tokens": max_new_tokens}
+        result = self._generate("/v1/ask", volume, fields, stream)
+        return Answer(result["text"], tuple(result["choices"]), result["index"])
+
+    def _generate(self, path: str, volume: Volume | str | Path | np.ndarray, fields: dict[str, object],
+                  stream: Callable[[str], None] | None) -> dict[str, Any]:
+        def on_event(event: dict[str, Any]) -> None:
+            if event["event"] == "token" and stream is not None:
+                stream(event["text"])
+
+        return self._request(path, as_volume(volume), fields, on_event)
 
 
 def _form_value(value: object) -> str | list[str]:

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.responses import Response, StreamingResponse
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from ..api import Segmenter
 from ..errors import InputError
 from .app import slot_for
-from .codec import TooLargeError, decode_volume, encode_nifti, label_layers
+from .codec import decode_volume, encode_nifti, label_layers
+from .jobs import Poll, VolumeUpload, respond, stream_responses, submit_upload
 from .workers import Job, ModelSlot
 
 log = logging.getLogger("voxtext.server")
@@ -99,68 +99,30 @@ def _run(data: bytes, options: SegmentOptions, max_bytes: int) -> Callable[[Segm
     return job
 
 
-async def _result(job: Job[SegmentationResult], request: Request) -> SegmentationResult | Response:
-    """Wait for the job; a client that disconnects meanwhile cancels it."""
-    try:
-        while not (await asyncio.wait({job.future}, timeout=0.25))[0]:
-            if await request.is_disconnected():
-                return Response(status_code=499)  # nobody reads it; the finally clause cancels the job
-        return job.future.result()
-    finally:
-        job.abort()  # no-op once finished; stops the job if this handler itself is cancelled
+def _progress(job: Job[SegmentationResult]) -> Poll:
+    """``progress`` events: the latest ``(done, total)`` windows, with the final count when finished."""
 
+    def poll(finished: bool) -> list[dict]:
+        done, total = job.progress
+        state = "finished" if finished else "running" if job.started.is_set() else "queued"
+        return [{"event": "progress", "state": state, "done": done, "total": total}]
 
-def _line(event: dict) -> bytes:
-    return (json.dumps(event) + "\n").encode()
-
-
-async def _events(job: Job[SegmentationResult]) -> AsyncIterator[bytes]:
-    """NDJSON: ``progress`` events every half second and at the end, then one ``result`` or ``error`` event."""
-    try:
-        while not (await asyncio.wait({job.future}, timeout=0.5))[0]:
-            done, total = job.progress
-            state = "running" if job.started.is_set() else "queued"
-            yield _line({"event": "progress", "state": state, "done": done, "total": total})
-        done, total = job.progress  # the final count, however short the job was
-        yield _line({"event": "progress", "state": "finished", "done": done, "total": total})
-        try:
-            yield _line({"event": "result", "result": job.future.result().model_dump()})
-        except InputError as error:
-            yield _line({"event": "error", "status": 413 if isinstance(error, TooLargeError) else 422,
-                         "detail": str(error)})
-        except Exception as error:  # reported to the client; the traceback stays in the server log
-            log.exception("segment job failed")
-            yield _line({"event": "error", "status": 500, "detail": type(error).__name__})
-    finally:
-        job.abort()  # the client went away (or the stream ended): stop the job, free its place
+    return poll
 
 
 @router.post(
     "/v1/segment",
     response_model=SegmentationResult,
     summary="Segment the targets named in `prompts` in an uploaded volume",
-    responses={
-        200: {"content": {"application/x-ndjson": {}},
-              "description": "The result; with `stream=true` an NDJSON stream of progress events ending in one "
-                             "`result` (this object under `result`) or `error` event."},
-        401: {"description": "missing or wrong bearer token"},
-        404: {"description": "model not loaded"},
-        413: {"description": "request body or decoded volume too large"},
-        422: {"description": "malformed volume or invalid option, with the reason"},
-        503: {"description": "the model's queue is full; see Retry-After"},
-    },
+    responses=stream_responses("progress events"),
 )
 async def segment(
     request: Request,
-    volume: Annotated[UploadFile, File(description="NIfTI (.nii, .nii.gz) or NRRD with attached data")],
+    volume: VolumeUpload,
     options: Annotated[SegmentOptions, Form()],
     stream: Annotated[bool, Query(description="NDJSON progress events, then the result")] = False,
 ) -> SegmentationResult | Response:
     slot: ModelSlot[Segmenter] = slot_for(request, options.model, "segmentation")
-    data = await volume.read()
-    if not data:
-        raise HTTPException(422, "the uploaded volume is empty")
-    job = slot.submit(_run(data, options, request.app.state.config.max_volume_bytes))
-    if stream:
-        return StreamingResponse(_events(job), media_type="application/x-ndjson")
-    return await _result(job, request)
+    max_bytes = request.app.state.config.max_volume_bytes
+    job = await submit_upload(slot, volume, lambda data: _run(data, options, max_bytes))
+    return await respond(job, request, stream, _progress(job), interval=0.5)
