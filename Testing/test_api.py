@@ -145,3 +145,11 @@ def test_memory_guard_refuses_impossible_jobs():
     with pytest.raises(InputError, match="GiB"):
         check_memory((2000, 2000, 2000), 50, (4000, 4000, 2000), True)
     check_memory((100, 100, 100), 5, (200, 200, 100), True)  # an ordinary job passes
+
+
+def test_cli_lists_segmentation_and_report_models(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    segmentation, report = out.split("report/VQA")
+    assert "esica-lite" in segmentation and "med3dvlm" not in segmentation
+    assert "med3dvlm" in report and "default" in report

@@ -61,9 +61,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .checkpoints import list_models
+    from .report import VLM_REGISTRY
 
-    for spec in list_models():
-        print(f"{spec.name:12s} {spec.description}")
+    for title, specs in (("segmentation (--model)", list_models()), ("report/VQA (--model)", VLM_REGISTRY.values())):
+        print(title)
+        for spec in specs:
+            print(f"  {spec.name:12s} {spec.description}")
     return 0
 
 
