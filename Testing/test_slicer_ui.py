@@ -36,6 +36,7 @@ EXPECTED = {
         "modelSelector": "QComboBox",
         "modelPathEdit": "ctkPathLineEdit",
         "deviceSelector": "QComboBox",
+        "serverEdit": "QLineEdit",
         "generateButton": "QPushButton",
         "cancelButton": "QPushButton",
         "replaceCheckBox": "QCheckBox",

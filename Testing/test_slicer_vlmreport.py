@@ -66,6 +66,25 @@ def test_second_report_does_not_overwrite_unless_asked(core, plain, volume_node,
 
 
 @needs_model
+def test_report_from_a_server_equals_the_local_one(core, volume_node, options, monkeypatch):
+    from TextSegLib.core import volume_arrays
+    from voxtext.report import Reporter
+    from voxtext.server.app import ServerConfig, create_app, running
+    from voxtext.server.workers import ModelSlot
+    from voxtext.volume import Volume
+
+    local = Reporter(options.model, device="cpu").report(Volume(*volume_arrays(volume_node)), greedy=options.greedy,
+                                                         max_new_tokens=options.max_new_tokens)
+    monkeypatch.setenv("VOXTEXT_TOKEN", "module-token")  # the worker reads the token from its environment
+    slot = ModelSlot("default", "report", Reporter(options.model, device="cpu"), 1, 4)
+    with running(create_app(ServerConfig(token="module-token"), {"report": slot})) as url:
+        remote = selftest.check_report_streamed_and_stored(core, volume_node, replace(options, server=url))
+    assert remote == local.strip()
+    with pytest.raises(ValueError, match="http"):
+        replace(options, server="gpu-host:8000")
+
+
+@needs_model
 def test_cancel_leaves_scene_unchanged(core, volume_node, options):
     selftest.check_cancel_leaves_scene(core, volume_node, options)
 

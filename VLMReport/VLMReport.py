@@ -122,7 +122,8 @@ class VLMReportWidget(ScriptedLoadableModuleWidget):
     def options(self) -> ReportOptions:
         name = self.ui.modelSelector.currentText
         return ReportOptions(model=NAMED_MODELS.get(name) or self.ui.modelPathEdit.currentPath.strip(),
-                             device=DEVICES[self.ui.deviceSelector.currentIndex])
+                             device=DEVICES[self.ui.deviceSelector.currentIndex],
+                             server=self.ui.serverEdit.text.strip())
 
     def startJob(self, question: str | None = None) -> None:
         try:

@@ -28,6 +28,12 @@ def check_model_and_device(model: str, device: str) -> None:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
 
 
+def check_server(server: str) -> None:
+    """Refuse a server that is not an http(s) URL (empty means: run on this computer)."""
+    if server and not server.startswith(("http://", "https://")):
+        raise ValueError(f"the server must be an http:// or https:// URL, got {server!r}")
+
+
 @dataclass(frozen=True)
 class SegmentOptions:
     """Model and inference settings of one run (sent to the worker as JSON)."""
@@ -43,8 +49,7 @@ class SegmentOptions:
         check_model_and_device(self.model, self.device)
         if self.quality not in QUALITIES:
             raise ValueError(f"quality must be one of {', '.join(QUALITIES)}, got {self.quality!r}")
-        if self.server and not self.server.startswith(("http://", "https://")):
-            raise ValueError(f"the server must be an http:// or https:// URL, got {self.server!r}")
+        check_server(self.server)
         if self.server and self.probabilities:
             raise ValueError("probability volumes are only available when the model runs on this computer")
 

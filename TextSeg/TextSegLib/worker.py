@@ -68,6 +68,11 @@ def write_job(folder: Path, volume: np.ndarray, affine: np.ndarray, prompts: lis
     lay_out(folder, volume, affine, options, prompts=prompts, modality=modality)
 
 
+def server_token() -> str | None:
+    """The ``voxtext serve`` token, from the environment (never written to a job file)."""
+    return os.environ.get("VOXTEXT_TOKEN")
+
+
 def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
     """Segment the job in ``folder`` and write its result; raises on failure or cancellation."""
     emit({"event": "status", "message": "Starting voxtext"})
@@ -80,7 +85,7 @@ def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
     if options.get("server"):
         from voxtext.server.client import RemoteSegmenter
 
-        segmenter = RemoteSegmenter(options["server"], os.environ.get("VOXTEXT_TOKEN"), model=options["model"])
+        segmenter = RemoteSegmenter(options["server"], server_token(), model=options["model"])
     else:
         segmenter = Segmenter(options["model"], device=resolve_device(options["device"]))
     if cancel.is_set():

@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from TextSegLib.options import Device, check_model_and_device
+from TextSegLib.options import Device, check_model_and_device, check_server
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -25,9 +25,11 @@ class ReportOptions:
     precision: Precision = "fp32"
     greedy: bool = True
     max_new_tokens: int | None = None
+    server: str = ""  # a ``voxtext serve --vlm`` URL runs the model there (token from VOXTEXT_TOKEN)
 
     def __post_init__(self) -> None:
         check_model_and_device(self.model, self.device)
+        check_server(self.server)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 

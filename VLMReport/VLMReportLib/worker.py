@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from TextSegLib.worker import Emit, explain, lay_out, read_job, resolve_device, serve
+from TextSegLib.worker import Emit, explain, lay_out, read_job, resolve_device, serve, server_token
 
 RESULT_FILE = "result.json"
 WEIGHTS_HELP = (
@@ -41,7 +41,14 @@ def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
 
     job = read_job(folder, emit)
     options = job["options"]
-    reporter = Reporter(options["model"], device=resolve_device(options["device"]), precision=options["precision"])
+    if options.get("server"):
+        from voxtext.server.client import RemoteReporter
+
+        reporter = RemoteReporter(options["server"], server_token(), model=options["model"])
+    else:
+        reporter = Reporter(options["model"], device=resolve_device(options["device"]),
+                            precision=options["precision"])
+    where = options.get("server") or reporter.device
 
     def stream(text: str) -> None:
         if cancel.is_set():
@@ -53,10 +60,10 @@ def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
     volume = Volume(job["volume"], np.asarray(job["affine"]))
     decoding = {"stream": stream, "greedy": options["greedy"], "max_new_tokens": options["max_new_tokens"]}
     if job["question"] is None:
-        emit({"event": "status", "message": f"Writing the report on {reporter.device}"})
+        emit({"event": "status", "message": f"Writing the report on {where}"})
         result = {"text": reporter.report(volume, **decoding), "choices": [], "index": None}
     else:
-        emit({"event": "status", "message": f"Answering on {reporter.device}"})
+        emit({"event": "status", "message": f"Answering on {where}"})
         answer = reporter.ask(volume, job["question"], job["choices"] or None, **decoding)
         result = {"text": answer.text, "choices": list(answer.choices), "index": answer.index}
     partial = folder / ("partial-" + RESULT_FILE)
