@@ -30,7 +30,7 @@ def prompt_side(prompt: str) -> Side | None:
 
 def body_midline(prepared: PreparedVolume) -> float | None:
     """``x`` index (model grid) of the body's midline, or ``None`` if the body leaves the field of view laterally."""
-    (_, _), (_, _), (x_start, x_stop) = prepared.geometry.crop
+    x_start, x_stop = prepared.geometry.crop[2]
     if x_start == 0 or x_stop == prepared.geometry.resampled_shape[2]:
         return None
     columns = (prepared.image > 0).sum(axis=(0, 1)).astype(float)

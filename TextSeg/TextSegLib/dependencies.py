@@ -21,6 +21,7 @@ TESTED: dict[str, str] = {
     "pynrrd": "1.1.3",
     "scikit-image": "0.26.0",
     "matplotlib": "3.10.9",
+    "httpx": "0.28.1",  # the remote-server option
 }
 VOXTEXT_VERSION = "0.1.0"
 MINIMUM_TORCH = (2, 4)  # an installed torch this new is kept (its CUDA build may matter more than the patch level)

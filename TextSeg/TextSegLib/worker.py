@@ -17,6 +17,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,9 +69,13 @@ def write_job(folder: Path, volume: np.ndarray, affine: np.ndarray, prompts: lis
     lay_out(folder, volume, affine, options, prompts=prompts, modality=modality)
 
 
-def server_token() -> str | None:
-    """The ``voxtext serve`` token, from the environment (never written to a job file)."""
-    return os.environ.get("VOXTEXT_TOKEN")
+def job_model(options: dict, local: Callable[[], Any], remote: Callable[..., Any]) -> tuple[Any, str]:
+    """The job's model and where it runs: ``remote(url, token, model=...)`` on ``options["server"]`` (the token
+    from VOXTEXT_TOKEN, never written to a job file), else ``local()`` on this computer."""
+    if options.get("server"):
+        return remote(options["server"], os.environ.get("VOXTEXT_TOKEN"), model=options["model"]), options["server"]
+    model = local()
+    return model, str(model.device)
 
 
 def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
@@ -78,20 +83,17 @@ def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
     emit({"event": "status", "message": "Starting voxtext"})
     from voxtext.api import Segmenter
     from voxtext.errors import Cancelled
+    from voxtext.server.client import RemoteSegmenter
     from voxtext.volume import Volume
 
     job = read_job(folder, emit)
     options = job["options"]
-    if options.get("server"):
-        from voxtext.server.client import RemoteSegmenter
-
-        segmenter = RemoteSegmenter(options["server"], server_token(), model=options["model"])
-    else:
-        segmenter = Segmenter(options["model"], device=resolve_device(options["device"]))
+    segmenter, where = job_model(
+        options, lambda: Segmenter(options["model"], device=resolve_device(options["device"])), RemoteSegmenter
+    )
     if cancel.is_set():
         raise Cancelled("segmentation cancelled")
     volume = Volume(job["volume"], np.asarray(job["affine"]), job.get("modality"))
-    where = options.get("server") or segmenter.device
     emit({"event": "status", "message": f"Segmenting {len(job['prompts'])} target(s) on {where}"})
     result = segmenter.segment(
         volume,

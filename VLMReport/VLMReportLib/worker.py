@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from TextSegLib.worker import Emit, explain, lay_out, read_job, resolve_device, serve, server_token
+from TextSegLib.worker import Emit, explain, job_model, lay_out, read_job, resolve_device, serve
 
 RESULT_FILE = "result.json"
 WEIGHTS_HELP = (
@@ -37,18 +37,13 @@ def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
     emit({"event": "status", "message": "Starting voxtext"})
     from voxtext.errors import Cancelled
     from voxtext.report import Reporter
+    from voxtext.server.client import RemoteReporter
     from voxtext.volume import Volume
 
     job = read_job(folder, emit)
     options = job["options"]
-    if options.get("server"):
-        from voxtext.server.client import RemoteReporter
-
-        reporter = RemoteReporter(options["server"], server_token(), model=options["model"])
-    else:
-        reporter = Reporter(options["model"], device=resolve_device(options["device"]),
-                            precision=options["precision"])
-    where = options.get("server") or reporter.device
+    reporter, where = job_model(options, lambda: Reporter(options["model"], device=resolve_device(options["device"]),
+                                                          precision=options["precision"]), RemoteReporter)
 
     def stream(text: str) -> None:
         if cancel.is_set():

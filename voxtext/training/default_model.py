@@ -195,7 +195,7 @@ def train(output_dir: str, steps: tuple[int, int, int], threads: int, init_from:
                               GROUP_WEIGHTS, seed=config.seed + 1000 * rank + len(stage.name))
         return batch_stream(sampler, tokenizer, config.batch_size)
 
-    model = load_esica(init_from)[0] if init_from else build_esica(DEFAULT_CONFIG)
+    model = load_esica(init_from, tokenizer=False)[0] if init_from else build_esica(DEFAULT_CONFIG)
     return SegTrainer(model, config, data).fit()
 
 
