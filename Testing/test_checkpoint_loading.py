@@ -121,7 +121,7 @@ def test_named_model_offline_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 def test_unknown_name_and_uri_parsing(tmp_path):
-    with pytest.raises(CheckpointError, match="neither a model name"):
+    with pytest.raises(CheckpointError, match="neither a segmentation model name"):
         resolve_model(tmp_path / "nowhere")
     spec = parse_hf_uri("hf://owner/repo@v1.2/sub/dir")
     assert (spec.repo_id, spec.revision, spec.subfolder) == ("owner/repo", "v1.2", "sub/dir")

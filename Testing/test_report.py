@@ -156,3 +156,31 @@ def test_m3d_layout_is_read(tmp_path):
     assert cases[0].report.startswith("TECHNIQUE:")
     assert [c.questions for c in cases] == [qa_pairs([item]) for item in closed_items]
     assert cases[0].questions[0][1] == f"{closed_items[0]['answer_choice']}. {closed_items[0]['answer']}"
+
+
+def test_downloaded_vlm_is_locked_and_verified(tmp_path, monkeypatch):
+    """A VLM resolved from the Hugging Face cache gets the ESICA lock: commit + sha256 of every file, then checked."""
+    import huggingface_hub.constants
+
+    from voxtext.checkpoints import LOCK_FILE, sha256_of
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-vlm"
+    shutil.copytree(resolve_vlm("default"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    folder = resolve_vlm("hf://someone/tiny-vlm")
+    lock = json.loads((folder / LOCK_FILE).read_text())
+    assert lock["revision"] == "main" and lock["commit"] == commit
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(lock["sha256"])
+    assert lock["sha256"]["model.safetensors"] == sha256_of(folder / "model.safetensors")
+    assert "README.md" not in lock["sha256"]  # only the files a VLM download fetches
+    assert Reporter("hf://someone/tiny-vlm", device="cpu").image_size == Reporter("default", device="cpu").image_size
+
+    tokenizer = folder / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace('"<im_patch>"', '"<im_patcX>"', 1))
+    with pytest.raises(CheckpointError, match="tokenizer.json does not match its recorded checksum"):
+        resolve_vlm("hf://someone/tiny-vlm")

@@ -99,9 +99,37 @@ def verify_integrity(folder: Path, pinned: dict[str, str] | None = None) -> None
             )
 
 
-def write_lock(folder: Path, revision: str | None) -> None:
-    digests = {f: sha256_of(folder / f) for f in (CONFIG_FILE, WEIGHTS_FILE)}
-    (folder / LOCK_FILE).write_text(json.dumps({"revision": revision, "sha256": digests}, indent=2))
+def snapshot_commit(folder: Path) -> str | None:
+    """The commit hash of a Hugging Face cache snapshot folder (``.../snapshots/<commit>[/subfolder]``)."""
+    for path in (folder, *folder.parents):
+        if path.parent.name == "snapshots":
+            return path.name
+    return None
+
+
+def write_lock(folder: Path, revision: str | None, files: Sequence[str] = (CONFIG_FILE, WEIGHTS_FILE)) -> None:
+    """Record ``revision``, the snapshot's commit and the sha256 of ``files`` (trust on first use)."""
+    digests = {f: sha256_of(folder / f) for f in files}
+    record = {"revision": revision, "commit": snapshot_commit(folder), "sha256": digests}
+    (folder / LOCK_FILE).write_text(json.dumps(record, indent=2))
+
+
+def locked_snapshot(
+    spec: ModelSpec, files: Sequence[str], required: str, download: bool = True, cache_dir: str | None = None
+) -> Path:
+    """:func:`fetch_snapshot` plus the integrity lock every downloaded model gets.
+
+    At the first resolution the revision, commit and sha256 of every file matching ``files`` are written to
+    ``voxtext-lock.json`` in the snapshot; every later resolution recomputes the digests and refuses a file
+    that changed (``spec.sha256``, when pinned, takes precedence over the lock).
+    """
+    folder = fetch_snapshot(spec, [*files, LOCK_FILE], required, download, cache_dir)
+    if not (folder / LOCK_FILE).exists():
+        names = sorted({p.relative_to(folder).as_posix() for pattern in files for p in folder.glob(pattern)
+                        if p.is_file() and p.name != LOCK_FILE})
+        write_lock(folder, spec.revision, names)
+    verify_integrity(folder, spec.sha256)
+    return folder
 
 
 def fetch_snapshot(
@@ -132,14 +160,6 @@ def fetch_snapshot(
         raise WeightsNotFoundError(_offline_message(spec, command) + f" (download failed: {exc})") from exc
 
 
-def _download(spec: ModelSpec, download: bool, cache_dir: str | None) -> Path:
-    folder = check_folder(fetch_snapshot(spec, [CONFIG_FILE, WEIGHTS_FILE, LOCK_FILE], WEIGHTS_FILE, download,
-                                         cache_dir))
-    if not (folder / LOCK_FILE).exists():
-        write_lock(folder, spec.revision)
-    return folder
-
-
 def _offline_message(spec: ModelSpec, command: str) -> str:
     return (
         f"the weights of model {spec.name!r} are not in the Hugging Face cache and cannot be downloaded here. "
@@ -148,25 +168,41 @@ def _offline_message(spec: ModelSpec, command: str) -> str:
     )
 
 
-def resolve_model(name_or_path: str | Path, *, download: bool = True, cache_dir: str | None = None) -> Path:
-    """The local checkpoint folder of a registry name, an ``hf://`` URI or a folder path."""
+def resolve_folder(
+    name_or_path: str | Path,
+    registry: dict[str, ModelSpec],
+    files: Sequence[str],
+    required: str,
+    kind: str,
+    *,
+    embedded: str | None = None,
+    download: bool = True,
+    cache_dir: str | None = None,
+) -> Path:
+    """Local folder of ``default`` (the package's ``embedded`` weights), a ``registry`` name, an ``hf://`` URI
+    (a locked download: revision, commit and sha256 recorded first, verified at every load) or a folder path."""
     name = str(name_or_path)
-    if name == "default":
-        folder = PACKAGE_WEIGHTS / "esica-default"
-        if not (folder / WEIGHTS_FILE).exists():
-            raise WeightsNotFoundError(f"the embedded default model is missing from {folder}; reinstall voxtext")
+    if name == "default" and embedded:
+        folder = PACKAGE_WEIGHTS / embedded
+        if not (folder / required).is_file():
+            raise WeightsNotFoundError(f"the embedded default {kind} is missing from {folder}; reinstall voxtext")
         return folder
-    if name in REGISTRY or name.startswith("hf://"):
-        spec = REGISTRY.get(name) or parse_hf_uri(name)
-        folder = _download(spec, download, cache_dir)
-        verify_integrity(folder, spec.sha256)
-        return folder
+    if name in registry or name.startswith("hf://"):
+        return locked_snapshot(registry.get(name) or parse_hf_uri(name), files, required, download, cache_dir)
     folder = Path(name).expanduser()
-    if not folder.exists():
-        raise CheckpointError(
-            f"{name!r} is neither a model name ({', '.join(REGISTRY)}), an hf:// URI nor an existing folder"
-        )
-    return check_folder(folder)
+    if not folder.is_dir():
+        names = ", ".join(["default"] * bool(embedded) + list(registry))
+        raise CheckpointError(f"{name!r} is neither a {kind} name ({names}), an hf:// URI nor an existing folder")
+    if not (folder / CONFIG_FILE).is_file():
+        raise CheckpointError(f"checkpoint folder {folder} lacks {CONFIG_FILE}")
+    return folder
+
+
+def resolve_model(name_or_path: str | Path, *, download: bool = True, cache_dir: str | None = None) -> Path:
+    """The local ESICA checkpoint folder of a registry name, an ``hf://`` URI or a folder path."""
+    return check_folder(resolve_folder(name_or_path, REGISTRY, [CONFIG_FILE, WEIGHTS_FILE], WEIGHTS_FILE,
+                                       "segmentation model", embedded="esica-default", download=download,
+                                       cache_dir=cache_dir))
 
 
 def load_esica_config(folder: Path, overrides: dict | None = None) -> ESICAConfig:

@@ -1,5 +1,5 @@
-"""Command line interface: ``voxtext segment``, ``models``, ``eval-seg``, ``report``, ``ask``, ``phantom``,
-``train-seg``, ``train-vlm``."""
+"""Command line interface: ``voxtext segment``, ``models``, ``eval-seg``, ``report``, ``ask``, ``findings``,
+``phantom``, ``train-seg``, ``train-vlm``."""
 
 from __future__ import annotations
 
@@ -61,12 +61,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .checkpoints import list_models
+    from .findings import FINDINGS_REGISTRY
     from .report import VLM_REGISTRY
 
-    for title, specs in (("segmentation (--model)", list_models()), ("report/VQA (--model)", VLM_REGISTRY.values())):
+    for title, specs in (("segmentation (--model)", list_models()), ("report/VQA (--model)", VLM_REGISTRY.values()),
+                         ("zero-shot findings (findings --model, serve --findings)", FINDINGS_REGISTRY.values())):
         print(title)
         for spec in specs:
-            print(f"  {spec.name:12s} {spec.description}")
+            print(f"  {spec.name:16s} {spec.description}")
     return 0
 
 
@@ -115,6 +117,21 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.choices and answer.index is None:
         print("voxtext: the answer names none of the choices", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_findings(args: argparse.Namespace) -> int:
+    from .findings import format_ranking
+
+    if args.server:
+        from .server.client import RemoteFindingsRanker
+
+        ranker = RemoteFindingsRanker(args.server, token=args.token, model=args.model)
+    else:
+        from .findings import FindingsRanker
+
+        ranker = FindingsRanker(args.model or "dcformer-siglip", device=args.device, precision=args.precision)
+    print(format_ranking(ranker.rank(args.volume, args.findings)))
     return 0
 
 
@@ -175,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
         vlm.add_argument("--token", default=os.environ.get("VOXTEXT_TOKEN"), help="server token (env VOXTEXT_TOKEN)")
         vlm.set_defaults(func=cmd_report if name == "report" else cmd_ask)
 
+    fin = sub.add_parser("findings", help="rank candidate findings against a volume (zero-shot, DCFormer_SigLIP)")
+    fin.add_argument("volume", help="NIfTI/NRRD file or DICOM folder")
+    fin.add_argument("--findings", action="extend", nargs="+", default=None, metavar="TEXT",
+                     help="candidate finding texts (repeatable; default: a list of common CT findings)")
+    fin.add_argument("--model", default=None, help="'dcformer-siglip' (default here), hf://repo or a folder; with "
+                                                   "--server: a findings model of the server (default its first)")
+    fin.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps")
+    fin.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    fin.add_argument("--server", default=None, help="rank on a 'voxtext serve --findings' server at this URL")
+    fin.add_argument("--token", default=os.environ.get("VOXTEXT_TOKEN"), help="server token (env VOXTEXT_TOKEN)")
+    fin.set_defaults(func=cmd_findings)
+
     for name, (_, _, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)
     return parser
@@ -186,6 +215,13 @@ DELEGATED = {
     "train-seg": ("voxtext.training.train_seg", "main", "train or fine-tune ESICA (torchrun for several devices)"),
     "serve": ("voxtext.server.app", "main_serve", "HTTP inference server (FastAPI); --help for options"),
     "train-vlm": ("voxtext.training.train_vlm", "main", "train a Med3DVLM-class report/VQA model"),
+    "eval-report": ("voxtext.evaluation.vlm_eval", "main_eval_report",
+                    "score generated reports (BLEU-1, ROUGE-1, METEOR, BERTScore), optionally generating them first"),
+    "eval-vqa": ("voxtext.evaluation.vlm_eval", "main_eval_vqa",
+                 "score VQA answers (closed: accuracy, open: text metrics) per question type"),
+    "eval-retrieval": ("voxtext.evaluation.vlm_eval", "main_eval_retrieval",
+                       "image-text retrieval recall@1/5/10 of a DCFormer_SigLIP model"),
+    "web": ("voxtext.web.app", "main_web", "TextSeg and VLMReport in a web browser on Slicer views (trame-slicer)"),
 }
 
 

@@ -20,8 +20,8 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, TextStreamer
 
 from .api import as_volume
-from .checkpoints import PACKAGE_WEIGHTS, ModelSpec, fetch_snapshot, parse_hf_uri
-from .errors import CheckpointError, InputError, WeightsNotFoundError
+from .checkpoints import ModelSpec, resolve_folder
+from .errors import CheckpointError, InputError
 from .inference import Precision, resolve_device
 from .models.dcformer import DCFormerConfig, med3dvlm_config
 from .models.med3dvlm import IMAGE_SIZE, Med3DVLMConfig, Med3DVLMForCausalLM, encode_prompts, image_token_id
@@ -123,20 +123,8 @@ class _CallbackStreamer(TextStreamer):
 
 def resolve_vlm(model: str | Path, download: bool = True) -> Path:
     """Local folder of ``default``, ``med3dvlm``, an ``hf://owner/repo`` URI or a checkpoint folder."""
-    name = str(model)
-    if name == "default":
-        folder = PACKAGE_WEIGHTS / "vlm-default"
-        if not (folder / "model.safetensors").is_file():
-            raise WeightsNotFoundError(f"the embedded default VLM is missing from {folder}; reinstall voxtext")
-        return folder
-    if name in VLM_REGISTRY or name.startswith("hf://"):
-        return fetch_snapshot(VLM_REGISTRY.get(name) or parse_hf_uri(name), VLM_FILES, "config.json", download)
-    folder = Path(name).expanduser()
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(
-            f"{name!r} is neither a VLM name ({', '.join(VLM_REGISTRY)}), an hf:// URI nor a folder with config.json"
-        )
-    return folder
+    return resolve_folder(model, VLM_REGISTRY, VLM_FILES, "config.json", "report model", embedded="vlm-default",
+                          download=download)
 
 
 def vision_config_of(config: Med3DVLMConfig) -> DCFormerConfig:

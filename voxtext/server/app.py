@@ -2,7 +2,8 @@
 
 Model families plug in as routers over :class:`~voxtext.server.workers.ModelSlot` objects held in
 ``app.state.slots`` (a unique key -> slot; requests pick a slot by its name and kind): segmentation is
-:mod:`voxtext.server.segment`, report and VQA are :mod:`voxtext.server.report`.
+:mod:`voxtext.server.segment`, report and VQA are :mod:`voxtext.server.report`, zero-shot findings are
+:mod:`voxtext.server.findings`.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class Guard:
 
 def create_app(config: ServerConfig, slots: dict[str, ModelSlot]) -> FastAPI:
     """The application serving the resident models in ``slots``; they are closed on shutdown."""
+    from .findings import router as findings_router
     from .report import router as report_router
     from .segment import router as segment_router
 
@@ -112,9 +114,9 @@ def create_app(config: ServerConfig, slots: dict[str, ModelSlot]) -> FastAPI:
             slot.close()
 
     app = FastAPI(title="VoxText inference server", version=__version__, lifespan=lifespan,
-                  description="Text-guided 3-D segmentation, reports and visual question answering. Volumes "
-                              "travel as NIfTI/NRRD bytes, never as JSON arrays. With a token set, every endpoint "
-                              "but /health and the schema needs `Authorization: Bearer <token>`.")
+                  description="Text-guided 3-D segmentation, reports, visual question answering and zero-shot "
+                              "findings. Volumes travel as NIfTI/NRRD bytes, never as JSON arrays. With a token set, "
+                              "every endpoint but /health and the schema needs `Authorization: Bearer <token>`.")
     app.state.config, app.state.slots = config, slots
     app.add_middleware(Guard, token=config.token, max_body=config.max_body_bytes)
     # Enforcement is in Guard (before the upload is read); this dependency only documents the scheme.
@@ -136,12 +138,18 @@ def create_app(config: ServerConfig, slots: dict[str, ModelSlot]) -> FastAPI:
              dependencies=secured)
     async def models() -> dict[str, list]:
         from ..checkpoints import list_models
+        from ..findings import FINDINGS_REGISTRY
+        from ..report import VLM_REGISTRY
 
+        known = [("segmentation", list_models()), ("report", VLM_REGISTRY.values()),
+                 ("findings", FINDINGS_REGISTRY.values())]
         return {"loaded": [slot.status() for slot in slots.values()],
-                "known": [{"name": spec.name, "description": spec.description} for spec in list_models()]}
+                "known": [{"name": spec.name, "kind": kind, "description": spec.description}
+                          for kind, specs in known for spec in specs]}
 
     app.include_router(segment_router, dependencies=secured)
     app.include_router(report_router, dependencies=secured)
+    app.include_router(findings_router, dependencies=secured)
     return app
 
 
@@ -155,13 +163,16 @@ def slot_for(request: Request, name: str, kind: str) -> ModelSlot:
 
 
 def build_app(config: ServerConfig, models: list[str], device: str = "auto", precision: str = "fp32",
-              concurrency: int = 1, max_queue: int = 4, vlms: Sequence[str] = ()) -> FastAPI:
-    """Load each segmentation model and VLM once into its own slot and return the app serving them."""
+              concurrency: int = 1, max_queue: int = 4, vlms: Sequence[str] = (),
+              findings: Sequence[str] = ()) -> FastAPI:
+    """Load each segmentation model, VLM and findings model once into its own slot; the app serving them."""
     from ..api import Segmenter
+    from ..findings import FindingsRanker
     from ..report import Reporter
 
     loaded = [("segmentation", name, Segmenter(name, device, precision)) for name in models] + \
-             [("report", name, Reporter(name, device, precision)) for name in vlms]
+             [("report", name, Reporter(name, device, precision)) for name in vlms] + \
+             [("findings", name, FindingsRanker(name, device, precision)) for name in findings]
     slots = {f"{kind}:{name}": ModelSlot(name, kind, model, concurrency, max_queue) for kind, name, model in loaded}
     return create_app(config, slots)
 
@@ -196,6 +207,9 @@ def main_serve(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", help="segmentation model to keep resident (repeatable)")
     parser.add_argument("--vlm", action="append", default=[],
                         help="report/VQA model to keep resident, e.g. default (repeatable)")
+    parser.add_argument("--findings", action="append", default=[],
+                        help="zero-shot findings model to keep resident: dcformer-siglip, hf://repo or a "
+                             "DCFormer_SigLIP folder (repeatable)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--concurrency", type=int, default=1, help="jobs running at once per model")
@@ -208,10 +222,10 @@ def main_serve(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = ServerConfig(token=args.token or None, max_body_mb=args.max_body_mb)
-    models = list(dict.fromkeys(args.model or ([] if args.vlm else ["default"])))
-    vlms = list(dict.fromkeys(args.vlm))
-    app = build_app(config, models, args.device, args.precision, args.concurrency, args.max_queue, vlms)
-    log.info("serving %s and VLMs %s on %s:%d (token %s)", json.dumps(models), json.dumps(vlms), args.host, args.port,
-             "required" if config.token else "off")
+    models = list(dict.fromkeys(args.model or ([] if args.vlm or args.findings else ["default"])))
+    vlms, findings = list(dict.fromkeys(args.vlm)), list(dict.fromkeys(args.findings))
+    app = build_app(config, models, args.device, args.precision, args.concurrency, args.max_queue, vlms, findings)
+    log.info("serving %s, VLMs %s and findings models %s on %s:%d (token %s)", json.dumps(models), json.dumps(vlms),
+             json.dumps(findings), args.host, args.port, "required" if config.token else "off")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -1,5 +1,6 @@
-"""``RemoteSegmenter`` and ``RemoteReporter``: :class:`voxtext.Segmenter`'s ``segment()`` and
-:class:`voxtext.report.Reporter`'s ``report()`` / ``ask()`` through a ``voxtext serve`` server."""
+"""``RemoteSegmenter``, ``RemoteReporter`` and ``RemoteFindingsRanker``: :class:`voxtext.Segmenter`'s
+``segment()``, :class:`voxtext.report.Reporter`'s ``report()`` / ``ask()`` and
+:class:`voxtext.findings.FindingsRanker`'s ``rank()`` through a ``voxtext serve`` server."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from ..api import Quality, as_volume, normalize_prompts, progress_callback
 from ..errors import Cancelled, InputError, VoxTextError
+from ..findings import Finding, normalize_findings
 from ..inference import ProgressCallback
 from ..postprocess import OverlapPolicy
 from ..report import Answer
@@ -166,6 +168,30 @@ class RemoteReporter(RemoteModel):
                 stream(event["text"])
 
         return self._request(path, as_volume(volume), fields, on_event)
+
+
+class RemoteFindingsRanker(RemoteModel):
+    """A zero-shot findings model resident on a ``voxtext serve --findings`` server, used like a local
+    :class:`voxtext.findings.FindingsRanker`; ``model`` None means the server's first findings model.
+
+    >>> RemoteFindingsRanker("http://127.0.0.1:8000").rank("ct.nii.gz", ["pleural effusion"])  # doctest: +SKIP
+    """
+
+    def __init__(self, url: str, token: str | None = None, model: str | None = None, timeout: float = 3600.0) -> None:
+        super().__init__(url, token, model or "", timeout)
+        self._model = model
+
+    def rank(self, volume: Volume | str | Path | np.ndarray,
+             findings: str | Sequence[str] | None = None) -> list[Finding]:
+        """The candidate ``findings`` (default: the server's list) by decreasing match probability."""
+        texts = normalize_findings(findings) if findings is not None else []
+        form = {k: v for k, v in {"model": self._model, "findings": texts}.items() if v}
+        upload = {"volume": ("volume.nii.gz", encode_volume(as_volume(volume)), "application/gzip")}
+        response = self._http.post("/v1/findings", data=form, files=upload)
+        _raise_for_status(response)
+        result = response.json()
+        self.model_name = result["model"]
+        return [Finding(f["text"], f["probability"], f["logit"]) for f in result["findings"]]
 
 
 def _form_value(value: object) -> str | list[str]:

@@ -62,12 +62,14 @@ class ModelSlot(Generic[M]):
         self._lock = threading.Lock()
         self._running = self._pending = 0
         self._counts = {"completed": 0, "failed": 0, "cancelled": 0}
+        self._rejected = 0  # refused with QueueFull (503), never queued
         self._seconds = 0.0
 
     def submit(self, function: JobFunction[M, R]) -> Job[R]:
         """Queue ``function(model, cancel, progress)``; raises :class:`QueueFull` when no place is left."""
         with self._lock:
             if self._pending >= self.concurrency + self.max_queue:
+                self._rejected += 1
                 raise QueueFull(self.name, self._retry_after())
             self._pending += 1
         cancel, started, progress = threading.Event(), threading.Event(), [0, 0]
@@ -105,11 +107,11 @@ class ModelSlot(Generic[M]):
         return max(1, round(mean * self._pending / self.concurrency))
 
     def status(self) -> dict[str, Any]:
-        """Name, kind, limits and the current load of this slot."""
+        """Name, kind, limits, the current load and the outcome counts of this slot (``rejected``: 503s)."""
         with self._lock:
             return {"name": self.name, "kind": self.kind, "concurrency": self.concurrency,
                     "max_queue": self.max_queue, "running": self._running,
-                    "queued": self._pending - self._running, **self._counts}
+                    "queued": self._pending - self._running, **self._counts, "rejected": self._rejected}
 
     def close(self) -> None:
         """Drop queued jobs and wait for running ones."""

@@ -92,15 +92,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     segmenter = Segmenter(args.model, device="cpu")
     t0 = time.time()
+    rows_file = Path(args.out).with_suffix(".rows.jsonl")  # one line a phantom: an interrupted run resumes
+    rows_file.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if rows_file.exists():
+        done = {row["seed"]: row for row in map(json.loads, rows_file.read_text().splitlines())}
     phantoms = []
     for seed in list(HELD_OUT_PHANTOM_SEEDS)[: args.phantoms]:
-        phantoms.append(evaluate_phantom(segmenter, seed, args.quality, not args.no_laterality))
+        if seed not in done:
+            done[seed] = evaluate_phantom(segmenter, seed, args.quality, not args.no_laterality)
+            with rows_file.open("a") as rows:
+                rows.write(json.dumps(done[seed]) + "\n")
+        phantoms.append(done[seed])
         print(f"phantom {seed}: organ DSC {np.mean(list(phantoms[-1]['organ_dice'].values())):.3f} "
               f"({time.time() - t0:.0f} s)", flush=True)
     summary = summarize(phantoms, [] if args.skip_real else evaluate_real(segmenter, args.quality))
     summary.update(model=args.model, quality=args.quality, laterality=not args.no_laterality,
                    seconds=round(time.time() - t0, 1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"summary": summary, "phantom_rows": phantoms}, indent=2))
     print(json.dumps(summary, indent=2))
     return 0
