@@ -42,7 +42,7 @@ def stage(rows: list, name: str):
 
 def report(title: str, rows: list) -> None:
     print(f"\n{title}")
-    print(f"| stage | seconds | peak RSS (MB) |\n|---|---:|---:|")
+    print("| stage | seconds | peak RSS (MB) |\n|---|---:|---:|")
     for name, sec, mem in rows:
         print(f"| {name} | {sec:.2f} | {mem:.0f} |")
 

@@ -396,6 +396,20 @@ def _progress(text: str) -> None:
     print(f"\r{text}", end="", file=sys.stderr, flush=True)
 
 
+def _generate_and_score(args: argparse.Namespace, kind: str, generate: Callable, score: Callable) -> int:
+    """Read the rows, run the model on them first when ``--model`` is given, score them, print the summary."""
+    rows, root = _load_rows(args, kind)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        rows = generate(_reporter(args), rows, root)
+        print(f"\nwrote {_write_predictions(out / 'predictions.jsonl', rows)}", file=sys.stderr)
+    _, written = score(rows, out)
+    print(written[-1].read_text(), end="")
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
 def main_eval_report(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="voxtext eval-report", description="Score generated reports: BLEU-1, "
                                      "ROUGE-1, METEOR, BERTScore (per sample, then the mean), as Med3DVLM.")
@@ -404,17 +418,12 @@ def main_eval_report(argv: Sequence[str] | None = None) -> int:
                         help="references: files with id + reference (or text), or folders of <id>.txt")
     _common(parser)
     args = parser.parse_args(argv)
-    rows, root = _load_rows(args, "report")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.model:
-        rows = generate_reports(_reporter(args), rows, root, args.greedy, args.max_new_tokens, _progress)
-        print(f"\nwrote {_write_predictions(out / 'predictions.jsonl', rows)}", file=sys.stderr)
     references = read_references(args.ref) if args.ref else None
-    _, written = evaluate_reports(rows, out, references, args.metrics, _bertscore(args), _device(args))
-    print(written[-1].read_text(), end="")
-    print("wrote " + ", ".join(map(str, written)))
-    return 0
+    return _generate_and_score(
+        args, "report",
+        lambda reporter, rows, root: generate_reports(reporter, rows, root, args.greedy, args.max_new_tokens,
+                                                      _progress),
+        lambda rows, out: evaluate_reports(rows, out, references, args.metrics, _bertscore(args), _device(args)))
 
 
 def main_eval_vqa(argv: Sequence[str] | None = None) -> int:
@@ -426,16 +435,11 @@ def main_eval_vqa(argv: Sequence[str] | None = None) -> int:
                         help="with --model: ask with the choices (closed) or without (open)")
     _common(parser)
     args = parser.parse_args(argv)
-    rows, root = _load_rows(args, "VQA")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.model:
-        rows = generate_answers(_reporter(args), rows, root, args.mode, args.greedy, args.max_new_tokens, _progress)
-        print(f"\nwrote {_write_predictions(out / 'predictions.jsonl', rows)}", file=sys.stderr)
-    _, written = evaluate_vqa(rows, out, args.metrics, _bertscore(args), _device(args))
-    print(written[-1].read_text(), end="")
-    print("wrote " + ", ".join(map(str, written)))
-    return 0
+    return _generate_and_score(
+        args, "VQA",
+        lambda reporter, rows, root: generate_answers(reporter, rows, root, args.mode, args.greedy,
+                                                      args.max_new_tokens, _progress),
+        lambda rows, out: evaluate_vqa(rows, out, args.metrics, _bertscore(args), _device(args)))
 
 
 def main_eval_retrieval(argv: Sequence[str] | None = None) -> int:

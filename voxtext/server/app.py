@@ -9,11 +9,9 @@ Model families plug in as routers over :class:`~voxtext.server.workers.ModelSlot
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import os
-import secrets
 import sys
 import threading
 import time
@@ -27,6 +25,7 @@ from fastapi.security import HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..access import bind_refusal, token_matches
 from ..errors import InputError
 from .codec import TooLargeError
 from .workers import ModelSlot, QueueFull
@@ -50,15 +49,6 @@ class ServerConfig:
     @property
     def max_volume_bytes(self) -> int:
         return int(self.max_volume_mb * 2**20)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Guard:
@@ -92,7 +82,7 @@ class Guard:
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         scheme, _, credential = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(credential.strip().encode(), self.token.encode())
+        return scheme.lower() == "bearer" and token_matches(credential.strip(), self.token)
 
     def _limit_text(self) -> str:
         return f"request body larger than this server's limit of {self.max_body / 2**20:.0f} MiB"
@@ -216,9 +206,9 @@ def main_serve(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue", type=int, default=4, help="jobs waiting per model before 503")
     parser.add_argument("--max-body-mb", type=float, default=512.0, help="largest request body (413 beyond)")
     args = parser.parse_args(argv)
-    if not is_loopback(args.host) and not args.token:
-        print(f"voxtext serve: refusing to listen on {args.host} without a token: pass --token or set VOXTEXT_TOKEN",
-              file=sys.stderr)
+    refusal = bind_refusal("voxtext serve", args.host, args.token)
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = ServerConfig(token=args.token or None, max_body_mb=args.max_body_mb)

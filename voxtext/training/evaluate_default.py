@@ -14,7 +14,7 @@ import numpy as np
 
 from ..api import Segmenter
 from ..evaluation.metrics import dice
-from ..phantom import LABELS, TARGETS, generate_phantom
+from ..phantom import LABELS, generate_phantom
 from ..volume import Volume
 from .default_model import HELD_OUT_PHANTOM_SEEDS, SPACING_MM, is_held_out, load_source, real_sources
 

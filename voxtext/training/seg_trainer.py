@@ -202,15 +202,18 @@ class SegTrainer:
         self._save(index, stage.steps, optimizer)
 
     def _log(self, stage: str, step: int, loss: float, lr: float, elapsed: float) -> None:
-        if not self.dist.is_main:
-            return
-        path = self.out / "metrics.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["stage", "step", "loss", "lr", "elapsed_s"])
-            writer.writerow([stage, step, f"{loss:.6f}", f"{lr:.3e}", f"{elapsed:.1f}"])
+        if self.dist.is_main:
+            append_metrics(self.out / "metrics.csv", stage, step, loss, lr, elapsed)
+
+
+def append_metrics(path: Path, stage: str, step: int, loss: float, lr: float, elapsed: float) -> None:
+    """One row of a run's ``metrics.csv`` (stage, step, loss, lr, elapsed_s); the header when the file is new."""
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["stage", "step", "loss", "lr", "elapsed_s"])
+        writer.writerow([stage, step, f"{loss:.6f}", f"{lr:.3e}", f"{elapsed:.1f}"])
 
 
 def plot_curve(metrics_csv: Path, output_png: Path, ylabel: str = "DiceFocal loss") -> None:

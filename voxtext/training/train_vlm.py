@@ -47,7 +47,7 @@ from ..phantom import generate_phantom
 from ..report import LETTERS, REPORT_PROMPT, format_choice_answer, format_question, vision_config_of
 from ..volume import Volume
 from .distributed import DistInfo, cleanup_distributed, init_distributed, mean_across
-from .seg_trainer import plot_curve, seed_everything, warmup_cosine
+from .seg_trainer import append_metrics, plot_curve, seed_everything, warmup_cosine
 
 EOS_TOKEN = "<|endoftext|>"
 CAPTION_PROMPTS = (REPORT_PROMPT, "Describe the findings of this CT scan.", "Write the radiology report of this scan.")
@@ -307,16 +307,6 @@ def _load_last(out: Path, lora_rank: int):
     return model, AutoTokenizer.from_pretrained(folder)
 
 
-def _log(out: Path, stage: str, step: int, loss: float, lr: float, elapsed: float) -> None:
-    path = out / "metrics.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(["stage", "step", "loss", "lr", "elapsed_s"])
-        writer.writerow([stage, step, f"{loss:.6f}", f"{lr:.3e}", f"{elapsed:.1f}"])
-
-
 def fit(
     model: Med3DVLMForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
@@ -374,7 +364,8 @@ def fit(
             if (step + 1) % log_every == 0 or step + 1 == stage.steps:
                 losses.append(mean_across(float(np.mean(running)), dist_info, device))
                 if dist_info.is_main:
-                    _log(out, stage.name, step + 1, losses[-1], scheduler.get_last_lr()[0], time.time() - t0)
+                    append_metrics(out / "metrics.csv", stage.name, step + 1, losses[-1],
+                                   scheduler.get_last_lr()[0], time.time() - t0)
                 running = []
             stopping = stop_after is not None and done_here >= stop_after
             if step + 1 == stage.steps or stopping or (save_every and (step + 1) % save_every == 0):

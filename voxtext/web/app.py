@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..access import bind_refusal
 from ..errors import VoxTextError
 
 POLL_S = 0.2
@@ -423,11 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main_web(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .security import is_loopback
-
-    if not is_loopback(args.host) and not args.token:
-        print(f"voxtext web: refusing to listen on {args.host} without a token: pass --token or set VOXTEXT_TOKEN",
-              file=sys.stderr)
+    refusal = bind_refusal("voxtext web", args.host, args.token)
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     try:
         from .cores import add_cores_to_path

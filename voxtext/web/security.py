@@ -8,24 +8,13 @@ only answers requests addressed to a loopback host name (no DNS rebinding), and 
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from ..access import is_loopback, token_matches
+
 COOKIE = "voxtext_web_token"
-
-
-def is_loopback(host: str) -> bool:
-    """``localhost`` or a loopback IP (as ``voxtext serve`` decides; without importing its FastAPI app)."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _host_name(host_header: str) -> str:
@@ -52,7 +41,7 @@ def make_guard(token: str | None):
             if not is_loopback(_host_name(request.host)):
                 return web.Response(status=403, text="voxtext web: this server only answers to a loopback address\n")
             return await handler(request)
-        if not hmac.compare_digest(supplied_token(request).encode(), token.encode()):
+        if not token_matches(supplied_token(request), token):
             return web.Response(status=401, text="voxtext web: missing or wrong token; open the URL printed at "
                                                  "start (it ends with ?token=...)\n")
         response = await handler(request)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from ..blocks import DecompConv3d, RMSNorm3d
 from .transformer import TwoWayTransformer
