@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
+import socket
+import time
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from safetensors.torch import save_file
 from voxtext.cli import main
 from voxtext.evaluation.retrieval import recall_at_k
 from voxtext.evaluation.text_metrics import (
+    HUB_PROBE_SECONDS,
     bertscore_f1,
     bertscore_model,
     bleu1,
@@ -21,7 +25,7 @@ from voxtext.evaluation.text_metrics import (
     score_texts,
     tokenize_13a,
 )
-from voxtext.evaluation.vlm_eval import evaluate_vqa, read_records
+from voxtext.evaluation.vlm_eval import _bertscore, evaluate_vqa, read_records
 from voxtext.phantom import generate_phantom
 
 PAIRS = [
@@ -37,6 +41,14 @@ PAIRS = [
 def read_csv(path):
     with path.open() as handle:
         return list(csv.DictReader(handle))
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE=1 and an empty Hugging Face cache: the BERTScore default must be the offline MiniLM."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
 
 
 def test_bleu1_by_hand():
@@ -85,7 +97,7 @@ def test_meteor_by_hand_with_offline_wordnet():
     assert meteor("the liver is xyz", "the kidney is xyz") == pytest.approx(expected)
 
 
-def test_bertscore_offline_model_is_labelled():
+def test_bertscore_offline_model_is_labelled(offline_hub):
     model = bertscore_model()
     assert not model.is_paper and "NOT the paper's roberta-large layer 17" in model.label
     scores = bertscore_f1(["the liver is normal", "the liver is normal"],
@@ -93,13 +105,13 @@ def test_bertscore_offline_model_is_labelled():
     assert scores[0] == pytest.approx(1.0, abs=1e-5) and scores[1] < 0.9
 
 
-def test_score_texts_skips_only_an_unavailable_metric():
+def test_score_texts_skips_only_an_unavailable_metric(offline_hub):
     rows, notes = score_texts(["a b"], ["a b"], ["bleu1", "bertscore"], bertscore=None)
     assert rows[0]["bleu1"] == pytest.approx(1.0) and rows[0]["bertscore"] == pytest.approx(1.0, abs=1e-5)
     assert "all-MiniLM-L6-v2" in notes["bertscore"]
 
 
-def test_eval_report_cli_on_a_jsonl(tmp_path, capsys):
+def test_eval_report_cli_on_a_jsonl(tmp_path, capsys, offline_hub):
     pred = tmp_path / "pred.jsonl"
     pred.write_text("\n".join(json.dumps({"id": f"c{i}", "prediction": p}) for i, (p, _) in enumerate(PAIRS[:3])))
     refs = tmp_path / "refs"
@@ -116,7 +128,55 @@ def test_eval_report_cli_on_a_jsonl(tmp_path, capsys):
     summary = (out / "summary.md").read_text()
     mean_bleu = (math.exp(-0.5) + bleu1(*PAIRS[1]) + 1 / 3) / 3
     assert f"{100 * mean_bleu:.2f}" in summary and "NOT the paper's" in summary
+    assert "all-MiniLM-L6-v2 layer 6 (offline; roberta-large is not in the Hugging Face cache and HF_HUB_OFFLINE" \
+        in summary
     assert "summary" not in capsys.readouterr().err
+
+    # an explicit model wins over the default, and no fallback reason is given for it
+    assert main(["eval-report", "--pred", str(pred), "--ref", str(refs), "--out", str(out), "--device", "cpu",
+                 "--metrics", "bertscore", "--bertscore-model", "minilm", "--bertscore-layer", "5"]) == 0
+    summary = (out / "summary.md").read_text()
+    assert "all-MiniLM-L6-v2 layer 5 (offline; NOT the paper's" in summary and "HF_HUB_OFFLINE" not in summary
+
+
+def test_bertscore_default_is_the_labelled_minilm_offline(offline_hub):
+    start = time.monotonic()
+    model = bertscore_model()
+    assert time.monotonic() - start < 2
+    assert model.layer == 6 and not model.is_paper and model.source.endswith("model")
+    assert "HF_HUB_OFFLINE is set" in model.label and "values are not comparable" in model.label
+
+
+def test_explicit_bertscore_model_wins_over_the_default(offline_hub):
+    paper = bertscore_model("roberta-large")  # not downloaded here; chosen anyway, no silent fallback
+    assert (paper.source, paper.layer, paper.is_paper) == ("roberta-large", 17, True)
+    assert "as the paper" in paper.label
+    args = argparse.Namespace(metrics=["bertscore"], bertscore_model="roberta-large", bertscore_layer=None)
+    assert _bertscore(args) == paper
+    args.bertscore_model = None
+    assert not _bertscore(args).is_paper  # the default, offline: MiniLM
+    assert bertscore_model("minilm", 4).layer == 4
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_bertscore_default_falls_back_fast_when_the_hub_is_unreachable(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    with socket.socket() as silent:  # accepts connections (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        for endpoint in (f"http://127.0.0.1:{_closed_port()}", f"http://127.0.0.1:{silent.getsockname()[1]}"):
+            monkeypatch.setenv("HF_ENDPOINT", endpoint)
+            start = time.monotonic()
+            model = bertscore_model()
+            assert time.monotonic() - start < HUB_PROBE_SECONDS + 2, endpoint
+            assert not model.is_paper and "the Hugging Face Hub is unreachable" in model.label
 
 
 def test_eval_vqa_closed_strict_and_substring_and_open_per_type(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -93,7 +94,9 @@ def _reporter(args: argparse.Namespace):
         from .server.client import RemoteReporter
 
         return RemoteReporter(args.server, token=args.token, model=args.model)
-    return Reporter(args.model, device=args.device, precision=args.precision, allow_slow=args.allow_slow)
+    device_map = json.loads(args.device_map) if args.device_map and args.device_map.startswith("{") else args.device_map
+    return Reporter(args.model, device=args.device, precision=args.precision, allow_slow=args.allow_slow,
+                    load_in=args.load_in, device_map=device_map)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -188,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
         vlm.add_argument("--greedy", action="store_true", help="greedy decoding instead of the checkpoint's defaults")
         vlm.add_argument("--max-new-tokens", type=int, default=None)
         vlm.add_argument("--allow-slow", action="store_true", help="run a >1B-parameter model on a CPU anyway")
+        vlm.add_argument("--load-in", default=None, choices=["8bit", "4bit"],
+                         help="quantize the language model with bitsandbytes (CUDA GPU; vision side unquantized)")
+        vlm.add_argument("--device-map", default=None, help="spread the model over devices: auto, balanced, "
+                         "sequential, a device (cuda:1) or a JSON {module: device} (replaces --device)")
         vlm.add_argument("--server", default=None, help=f"{name} on a 'voxtext serve --vlm' server at this URL")
         vlm.add_argument("--token", default=os.environ.get("VOXTEXT_TOKEN"), help="server token (env VOXTEXT_TOKEN)")
         vlm.set_defaults(func=cmd_report if name == "report" else cmd_ask)
@@ -215,6 +222,8 @@ DELEGATED = {
     "train-seg": ("voxtext.training.train_seg", "main", "train or fine-tune ESICA (torchrun for several devices)"),
     "serve": ("voxtext.server.app", "main_serve", "HTTP inference server (FastAPI); --help for options"),
     "train-vlm": ("voxtext.training.train_vlm", "main", "train a Med3DVLM-class report/VQA model"),
+    "train-clip": ("voxtext.training.train_clip", "main",
+                   "pretrain a DCFormer_SigLIP image-text model (sigmoid loss; torchrun for several devices)"),
     "eval-report": ("voxtext.evaluation.vlm_eval", "main_eval_report",
                     "score generated reports (BLEU-1, ROUGE-1, METEOR, BERTScore), optionally generating them first"),
     "eval-vqa": ("voxtext.evaluation.vlm_eval", "main_eval_vqa",

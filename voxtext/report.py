@@ -26,7 +26,7 @@ from .inference import Precision, resolve_device
 from .models.dcformer import DCFormerConfig, med3dvlm_config
 from .models.med3dvlm import IMAGE_SIZE, Med3DVLMConfig, Med3DVLMForCausalLM, encode_prompts, image_token_id
 from .models.med3dvlm import load_med3dvlm, prepare_volume
-from .models.med3dvlm.model import read_config
+from .models.med3dvlm.model import DeviceMap, check_quantization, device_of, device_types, plan_device_map, read_config
 from .volume import Volume
 
 # One of the reference's caption templates (src/dataset/prompt_templates.py); captions have no separator.
@@ -175,13 +175,30 @@ class Reporter:
         *,
         download: bool = True,
         allow_slow: bool = False,
+        load_in: str | None = None,
+        device_map: str | int | DeviceMap | None = None,
     ) -> None:
+        """``precision`` is the dtype of the weights (of the unquantized ones with ``load_in``).
+
+        ``load_in="8bit"``/``"4bit"`` quantizes the LLM's Linear layers with bitsandbytes (CUDA only; the
+        vision tower, projector and lm_head stay in ``precision``). ``device_map`` spreads the model over
+        devices with accelerate: "auto" (also "balanced", "balanced_low_0", "sequential") puts the decoder
+        layers where they fit and the vision tower and projector on the first device; a device name or
+        a ``{module: device}`` dict places it explicitly; ``device`` is then ignored.
+        """
         if precision not in DTYPES:
             raise InputError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
         self.device = resolve_device(device)
         self.model_name = str(model)
         folder = resolve_vlm(model, download)
         config = read_config(folder)
+        vision_config = vision_config_of(config)
+        plan = None
+        if device_map is not None or load_in is not None:
+            plan = plan_device_map(config, vision_config, str(self.device) if device_map is None else device_map,
+                                   DTYPES[precision], load_in)
+            check_quantization(load_in, device_types(plan))  # says what is missing before anything is read
+            self.device = device_of(plan, "model.embed_tokens")
         generation = GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() \
             else GenerationConfig()
         check_cpu_budget(config, self.device, generation.max_new_tokens or 256, allow_slow)
@@ -191,7 +208,8 @@ class Reporter:
                 f"the tokenizer's <im_patch> id {image_token_id(self.tokenizer)} differs from config.json's "
                 f"image_token_id {config.image_token_id}: tokenizer and weights come from different checkpoints"
             )
-        self.model = load_med3dvlm(folder, vision_config_of(config), DTYPES[precision], self.device)
+        self.model = load_med3dvlm(folder, vision_config, DTYPES[precision], self.device, device_map=plan,
+                                   load_in=load_in)
         self.image_size = image_size_of(config)
         self.window = getattr(config, "image_window", None)
 

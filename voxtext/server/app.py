@@ -154,14 +154,16 @@ def slot_for(request: Request, name: str, kind: str) -> ModelSlot:
 
 def build_app(config: ServerConfig, models: list[str], device: str = "auto", precision: str = "fp32",
               concurrency: int = 1, max_queue: int = 4, vlms: Sequence[str] = (),
-              findings: Sequence[str] = ()) -> FastAPI:
-    """Load each segmentation model, VLM and findings model once into its own slot; the app serving them."""
+              findings: Sequence[str] = (), vlm_options: dict | None = None) -> FastAPI:
+    """Load each segmentation model, VLM and findings model once into its own slot; the app serving them.
+
+    ``vlm_options`` go to each :class:`voxtext.report.Reporter` (``load_in``, ``device_map``)."""
     from ..api import Segmenter
     from ..findings import FindingsRanker
     from ..report import Reporter
 
     loaded = [("segmentation", name, Segmenter(name, device, precision)) for name in models] + \
-             [("report", name, Reporter(name, device, precision)) for name in vlms] + \
+             [("report", name, Reporter(name, device, precision, **(vlm_options or {}))) for name in vlms] + \
              [("findings", name, FindingsRanker(name, device, precision)) for name in findings]
     slots = {f"{kind}:{name}": ModelSlot(name, kind, model, concurrency, max_queue) for kind, name, model in loaded}
     return create_app(config, slots)
@@ -202,6 +204,9 @@ def main_serve(argv: list[str] | None = None) -> int:
                              "DCFormer_SigLIP folder (repeatable)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--load-in", default=None, choices=["8bit", "4bit"],
+                        help="--vlm models: quantize the language model with bitsandbytes (CUDA GPU)")
+    parser.add_argument("--device-map", default=None, help="--vlm models: auto, balanced, sequential or a device")
     parser.add_argument("--concurrency", type=int, default=1, help="jobs running at once per model")
     parser.add_argument("--max-queue", type=int, default=4, help="jobs waiting per model before 503")
     parser.add_argument("--max-body-mb", type=float, default=512.0, help="largest request body (413 beyond)")
@@ -214,7 +219,8 @@ def main_serve(argv: list[str] | None = None) -> int:
     config = ServerConfig(token=args.token or None, max_body_mb=args.max_body_mb)
     models = list(dict.fromkeys(args.model or ([] if args.vlm or args.findings else ["default"])))
     vlms, findings = list(dict.fromkeys(args.vlm)), list(dict.fromkeys(args.findings))
-    app = build_app(config, models, args.device, args.precision, args.concurrency, args.max_queue, vlms, findings)
+    app = build_app(config, models, args.device, args.precision, args.concurrency, args.max_queue, vlms, findings,
+                    {"load_in": args.load_in, "device_map": args.device_map})
     log.info("serving %s, VLMs %s and findings models %s on %s:%d (token %s)", json.dumps(models), json.dumps(vlms),
              json.dumps(findings), args.host, args.port, "required" if config.token else "off")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
