@@ -271,7 +271,8 @@ def _by_type(scored: Sequence[dict]) -> dict[str, list[dict]]:
 
 # --- generation ---------------------------------------------------------------------------------
 
-def _image_of(row: dict, root: Path) -> Path:
+def manifest_image(row: dict, root: Path) -> Path:
+    """The volume of a manifest record (``image`` or ``volume``), relative paths under ``root``."""
     value = row.get("image") or row.get("volume")
     if not value:
         raise InputError(f"record {row['id']!r} has no 'image' field")
@@ -279,7 +280,8 @@ def _image_of(row: dict, root: Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def _manifest_reference(row: dict, root: Path) -> list[str]:
+def manifest_references(row: dict, root: Path) -> list[str]:
+    """The reference text(s) of a manifest record: inline ``reference`` or a ``reference_file``."""
     if row.get("reference") not in (None, ""):
         return [row["reference"]] if isinstance(row["reference"], str) else list(row["reference"])
     file = row.get("reference_file") or row.get("text")  # M3D-Cap: "text" is the path of the report .txt
@@ -294,9 +296,9 @@ def generate_reports(reporter, rows: Sequence[dict], root: Path, greedy: bool, m
                      progress: Callable[[str], None] | None = None) -> list[dict]:
     out = []
     for index, row in enumerate(rows, 1):
-        text = reporter.report(_image_of(row, root), greedy=greedy, max_new_tokens=max_new_tokens)
+        text = reporter.report(manifest_image(row, root), greedy=greedy, max_new_tokens=max_new_tokens)
         out.append({"id": row["id"], "image": str(row.get("image", "")), "prediction": text,
-                    "reference": _manifest_reference(row, root)})
+                    "reference": manifest_references(row, root)})
         if progress:
             progress(f"{index}/{len(rows)} {row['id']}")
     return out
@@ -313,11 +315,11 @@ def generate_answers(reporter, rows: Sequence[dict], root: Path, mode: str, gree
         if mode == "closed":
             if not row.get("choices"):
                 raise InputError(f"record {row['id']!r} has no choices: use --mode open")
-            answer = reporter.ask(_image_of(row, root), row["question"], row["choices"], greedy=greedy,
+            answer = reporter.ask(manifest_image(row, root), row["question"], row["choices"], greedy=greedy,
                                   max_new_tokens=max_new_tokens)
             record.update(choices=list(row["choices"]), answer_choice=row.get("answer_choice", ""))
         else:
-            answer = reporter.ask(_image_of(row, root), row["question"], greedy=greedy, max_new_tokens=max_new_tokens)
+            answer = reporter.ask(manifest_image(row, root), row["question"], greedy=greedy, max_new_tokens=max_new_tokens)
         record["prediction"] = answer.text
         out.append(record)
         if progress:
@@ -461,7 +463,7 @@ def main_eval_retrieval(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = read_records(args.data, args.split)
     root = Path(args.data_root) if args.data_root else Path(args.data).parent
-    pairs = [(_image_of(r, root), _manifest_reference(r, root)[0]) for r in rows[: max(args.sizes)]]
+    pairs = [(manifest_image(r, root), manifest_references(r, root)[0]) for r in rows[: max(args.sizes)]]
     written = evaluate_retrieval(args.model, pairs, args.sizes, Path(args.out), args.device, args.precision,
                                  progress=_progress)
     print(file=sys.stderr)

@@ -123,11 +123,11 @@ def save_siglip(model: DCFormerSigLIP, tokenizer, size: ClipSize, folder: Path) 
 def manifest_cases(path: Path, split: str | None, size: Sequence[int], window: Sequence[float] | None,
                    root: Path | None = None) -> list[Case]:
     """Cases of a ``.json``/``.jsonl``/``.csv`` manifest of image + report pairs (as ``eval-retrieval`` reads)."""
-    from ..evaluation.vlm_eval import _image_of, _manifest_reference, read_records
+    from ..evaluation.vlm_eval import manifest_image, manifest_references, read_records
 
     root = root or path.parent
-    return [Case(prepare_volume(Volume.from_file(_image_of(row, root)), tuple(size), window)[0].half(),
-                 " ".join(_manifest_reference(row, root)[0].split()))
+    return [Case(prepare_volume(Volume.from_file(manifest_image(row, root)), tuple(size), window)[0].half(),
+                 " ".join(manifest_references(row, root)[0].split()))
             for row in read_records(path, split)]
 
 
