@@ -23,7 +23,7 @@ from voxtext.models.esica.text import load_tokenizer
 from voxtext.models.siglip import load_siglip
 from voxtext.training.seg_trainer import seed_everything
 from voxtext.training.train_clip import DEFAULT_TOKENIZER, ClipSize, Schedule, build_siglip, retrieval_recall, train
-from voxtext.training.train_vlm import phantom_cases
+from voxtext.training.vlm_data import phantom_cases
 from voxtext.volume import Volume
 
 # The SigLIP paper's initialisation (t' = log 10, b = -10) and beta2 0.95. A model this small first collapses to constant

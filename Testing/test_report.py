@@ -18,7 +18,7 @@ from voxtext.models.med3dvlm.model import read_config
 from voxtext.phantom import generate_phantom
 from voxtext.report import Reporter, parse_choice, resolve_vlm, vision_config_of
 from voxtext.training.default_vlm import HELD_OUT_SEED, evaluate, mentioned_lesions
-from voxtext.training.train_vlm import folder_cases, qa_pairs
+from voxtext.training.vlm_data import folder_cases, qa_pairs
 from voxtext.volume import Volume
 
 # Shipped model: 0.35 on 80 held-out closed questions (model card), 0.5 on the 4 phantoms below; chance is 0.25.

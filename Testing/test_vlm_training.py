@@ -17,14 +17,11 @@ from voxtext.training.train_vlm import (
     Stage,
     apply_lora,
     build_model,
-    corpus,
     merge_lora,
-    phantom_cases,
-    sample_batches,
     set_trainable,
     train,
-    train_tokenizer,
 )
+from voxtext.training.vlm_data import corpus, phantom_cases, sample_batches, train_tokenizer
 
 TINY = ModelSize(image_size=(32, 32, 32), hidden_size=32, layers=1, heads=4, kv_heads=2, intermediate_size=64)
 

