@@ -132,7 +132,7 @@ def test_dicom_volume_legend_display_and_downloads(session, tmp_path):
     assert legend[0]["visible"] is False and legend[1]["opacity"] == pytest.approx(0.3)
     session.delete(liver_id)
     assert [s["name"] for s in session.segments()] == ["left kidney"]
-    from voxtext.web.session import WebError
+    from voxtext.web.files import WebError
 
     with pytest.raises(WebError, match="no segment"):
         session.set_visible(liver_id, True)
@@ -143,7 +143,7 @@ def test_dicom_volume_legend_display_and_downloads(session, tmp_path):
 def test_nifti_input_refuses_dicom_seg_and_bad_uploads(session, tmp_path):
     import nibabel as nib
 
-    from voxtext.web.session import WebError
+    from voxtext.web.files import WebError
 
     with pytest.raises(WebError, match="open a volume first"):
         session.start_segmentation("liver")

@@ -337,7 +337,7 @@ class VoxTextWeb:
     async def _upload(self, request):
         from aiohttp import web
 
-        from .session import WebError
+        from .files import WebError
 
         if self.session.running is not None:
             return web.json_response({"error": "wait for the running job to finish before opening a volume"},
@@ -375,7 +375,7 @@ class VoxTextWeb:
     async def _download(self, request):
         from aiohttp import web
 
-        from .session import WebError
+        from .files import WebError
 
         what, kind = request.match_info["what"], request.match_info["kind"]
         try:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from .files import WebError
+from .terminology import parse_entry
 
 MANUFACTURER = "SlicerVoxText"
 TISSUE = ("SCT", "85756007", "Tissue")  # category and type of segments without a terminology entry
@@ -30,8 +32,6 @@ def write_dicom_seg(masks: np.ndarray, ijk_to_ras: np.ndarray, names: Sequence[s
     """
     import highdicom as hd
     import pydicom
-
-    from .session import WebError, parse_entry
 
     sources = sorted((_with_uids(pydicom.dcmread(str(f))) for f in source_files),
                      key=lambda ds: float(np.dot(_normal(ds), [float(x) for x in ds.ImagePositionPatient])))

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import VoxTextError
 from .cores import add_cores_to_path
+from .files import WebError, file_stem, is_dicom, is_volume_file, safe_extract, volume_files
+from .terminology import type_meaning
 
 add_cores_to_path()
 
@@ -28,7 +29,6 @@ from TextSegLib.options import ExistingSegments, SegmentOptions, parse_prompts  
 from VLMReportLib.core import Reply, VLMReportCore, export_text, format_conversation  # noqa: E402
 from VLMReportLib.options import ReportOptions  # noqa: E402
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 # name -> (window, level) in the volume's units; "Auto" uses Slicer's automatic window/level.
 WINDOW_PRESETS: dict[str, tuple[float, float] | None] = {
     "Auto": None,
@@ -40,11 +40,6 @@ WINDOW_PRESETS: dict[str, tuple[float, float] | None] = {
 EXPORTS = {"seg.nrrd": "Slicer segmentation (.seg.nrrd)", "nii.gz": "label map (.nii.gz, labels in the .json)",
            "zip": "label map + label table (.zip)", "dcm": "DICOM SEG (.dcm)"}
 REPORT_EXPORTS = ("txt", "md", "dcm")
-MAX_ZIP_FILES = 5000
-
-
-class WebError(VoxTextError):
-    """Something the user asked for cannot be done; the message says why and what to do."""
 
 
 @dataclass
@@ -75,35 +70,6 @@ def _color_hex(rgb: Sequence[float]) -> str:
     return "#" + "".join(f"{round(min(max(c, 0.0), 1.0) * 255):02x}" for c in rgb[:3])
 
 
-def _volume_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-
-
-def _is_volume_file(path: Path) -> bool:
-    return path.name.lower().endswith(VOLUME_SUFFIXES)
-
-
-def safe_extract(archive: Path, folder: Path, max_bytes: int) -> list[Path]:
-    """Files of a zip (no absolute paths, no ``..``, at most ``max_bytes`` unpacked) extracted into ``folder``."""
-    with zipfile.ZipFile(archive) as zf:
-        members = [m for m in zf.infolist() if not m.is_dir()]
-        if len(members) > MAX_ZIP_FILES:
-            raise WebError(f"the zip holds {len(members)} files; at most {MAX_ZIP_FILES} are accepted")
-        if sum(m.file_size for m in members) > max_bytes:
-            raise WebError(f"the zip unpacks to more than {max_bytes // 2**20} MB")
-        out = []
-        for member in members:
-            parts = Path(member.filename.replace("\\", "/")).parts
-            if member.filename.startswith(("/", "\\")) or ".." in parts or not parts or ":" in parts[0]:
-                raise WebError(f"the zip holds a file outside its folder ({member.filename!r}); refused")
-            target = folder.joinpath(*parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(member) as source, open(target, "wb") as sink:
-                shutil.copyfileobj(source, sink)
-            out.append(target)
-        return out
-
-
 class WebSession:
     """The scene of one ``voxtext web`` process and what the page does with it."""
 
@@ -131,7 +97,7 @@ class WebSession:
         path = Path(path)
         if not path.exists():
             raise WebError(f"{path} does not exist")
-        return self.load_files(_volume_files(path) if path.is_dir() else [path], name=path.name)
+        return self.load_files(volume_files(path) if path.is_dir() else [path], name=path.name)
 
     def load_files(self, files: Sequence[Path], name: str = "") -> object:
         """Load uploaded or local files as the volume to work on (the previous one and its results go)."""
@@ -143,13 +109,13 @@ class WebSession:
             files = safe_extract(files[0], self.workdir / f"zip{self._uploads}", 8 * 2**30)
         if not files:
             raise WebError("no files given: choose a NIfTI or NRRD file, or the files (or a zip) of a DICOM series")
-        volume_files = [f for f in files if _is_volume_file(f)]
+        volume_files = [f for f in files if is_volume_file(f)]
         if volume_files:
             if len(volume_files) > 1:
                 raise WebError("open one volume at a time (several NIfTI/NRRD files were given)")
             nodes, dicom = self.app.io_manager.load_volumes([str(volume_files[0])]), []
         else:
-            dicom = [f for f in files if _is_dicom(f)]
+            dicom = [f for f in files if is_dicom(f)]
             if not dicom:
                 raise WebError("no volume found: give a .nii/.nii.gz/.nrrd/.mha file, or the files of a DICOM "
                                "series (several files, a folder or a zip)")
@@ -346,7 +312,7 @@ class WebSession:
             out.append({"id": segment_id, "name": name, "color": _color_hex(segment.GetColor()),
                         "visible": bool(display.GetSegmentVisibility(segment_id)),
                         "opacity": round(display.GetSegmentOpacity3D(segment_id), 2),
-                        "ml": round(volumes.get(name, 0.0), 1), "code": _type_meaning(segment)})
+                        "ml": round(volumes.get(name, 0.0), 1), "code": type_meaning(segment)})
         return out
 
     def _segment(self, segment_id: str):
@@ -402,7 +368,7 @@ class WebSession:
         if kind not in EXPORTS:
             raise WebError(f"unknown download {kind!r}: choose one of {', '.join(EXPORTS)}")
         volume = self._volume()
-        base = _file_stem(volume.GetName()) + "_segmentation"
+        base = file_stem(volume.GetName()) + "_segmentation"
         folder = Path(tempfile.mkdtemp(dir=self.workdir, prefix="export-"))
         if kind == "seg.nrrd":
             path = folder / f"{base}.seg.nrrd"
@@ -451,7 +417,7 @@ class WebSession:
         if not self.report_text:
             raise WebError("there is no report yet: press Generate report first")
         folder = Path(tempfile.mkdtemp(dir=self.workdir, prefix="report-"))
-        stem = _file_stem(volume.GetName()) + "_report"
+        stem = file_stem(volume.GetName()) + "_report"
         if kind == "dcm":
             if not self.dicom_files:
                 raise WebError("a DICOM SR report needs a DICOM series as input: download .txt or .md instead")
@@ -477,47 +443,3 @@ def _ijk_to_ras(volume) -> np.ndarray:
     matrix = vtkMatrix4x4()
     volume.GetIJKToRASMatrix(matrix)
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def _file_stem(name: str) -> str:
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._")
-    return stem or "volume"
-
-
-def _is_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    if head[128:132] == b"DICM":
-        return True
-    import pydicom
-
-    try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True, force=True).get("SOPClassUID") is not None
-    except Exception:  # noqa: BLE001 - not a DICOM file
-        return False
-
-
-def _code(part: str) -> tuple[str, str, str]:
-    """``SCT^64033007^Kidney`` -> (scheme, value, meaning); blanks when absent."""
-    fields = (part.split("^") + ["", "", ""])[:3]
-    return fields[0], fields[1], fields[2]
-
-
-def parse_entry(entry: str) -> dict[str, tuple[str, str, str]]:
-    """A serialized Slicer terminology entry's codes: category, type, modifier, region, region_modifier."""
-    parts = (entry or "").split("~") + [""] * 7
-    return {"category": _code(parts[1]), "type": _code(parts[2]), "modifier": _code(parts[3]),
-            "region": _code(parts[5]), "region_modifier": _code(parts[6])}
-
-
-def _type_meaning(segment) -> str:
-    """Code meaning of the segment's terminology type (and modifier), e.g. 'Kidney, Left'; '' when uncoded."""
-    codes = parse_entry(segment.GetTerminology() or "")
-    meaning, modifier = codes["type"][2], codes["modifier"][2]
-    text = meaning + (f", {modifier}" if modifier and meaning else "")
-    if codes["region"][2] and text:
-        text += f" in {codes['region'][2]}"
-    return text
