@@ -1,6 +1,7 @@
 """Held-out figures of the embedded default model (phantoms with unseen seeds and held-out real scans).
 
-    python -m voxtext.training.evaluate_default --model default --phantoms 50 --out runs/eval-default.json
+    python -m voxtext.training.evaluate_default --model default --phantoms 50 --quality fast --workers 2 \
+        --out runs/eval-default.json
 """
 
 from __future__ import annotations
@@ -8,15 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..api import Segmenter
 from ..evaluation.metrics import dice
-from ..phantom import LABELS, generate_phantom
-from ..volume import Volume
-from .default_model import HELD_OUT_PHANTOM_SEEDS, SPACING_MM, is_held_out, load_source, real_sources
+from ..phantom import LABELS
+from .default_model import HELD_OUT_PHANTOM_SEEDS, acquired_phantom, is_held_out, load_source, real_sources
 
 ORGANS = ["liver", "spleen", "stomach", "pancreas", "right kidney", "left kidney", "aorta", "inferior vena cava",
           "vertebrae", "urinary bladder"]
@@ -24,15 +28,8 @@ LESIONS = ["liver tumor", "liver cyst", "kidney cyst", "kidney stone"]
 NEAR_EMPTY_ML = 1.0  # a prompt of an absent structure counts as answered "empty" below this volume
 
 
-def phantom_volume(seed: int) -> tuple[Volume, object]:
-    rng = np.random.default_rng(seed)
-    acquired = (float(rng.uniform(0.5, 1.0)) * SPACING_MM,) * 2 + (float(rng.uniform(0.5, 1.5)) * SPACING_MM,)
-    case = generate_phantom(seed, spacing=acquired, lesions=0.6)
-    return Volume(case.image.astype(np.float32), case.affine, "CT"), case
-
-
 def evaluate_phantom(segmenter: Segmenter, seed: int, quality: str, laterality: bool = True) -> dict:
-    volume, case = phantom_volume(seed)
+    volume, case = acquired_phantom(seed)
     present = {t[0][0] for t in case.targets}
     organs = [o for o in ORGANS if o in present]
     lesions = [t for t in LESIONS if t in present]
@@ -45,6 +42,16 @@ def evaluate_phantom(segmenter: Segmenter, seed: int, quality: str, laterality: 
     pred_left = result.mask("left kidney")
     row["kidney_swapped"] = bool((pred_left & right).sum() > (pred_left & left).sum())
     return row
+
+
+@cache
+def _segmenter(model: str) -> Segmenter:
+    return Segmenter(model, device="cpu")
+
+
+def _evaluate_seed(model: str, quality: str, laterality: bool, seed: int) -> dict:
+    """One phantom's row, with the model loaded once per process."""
+    return evaluate_phantom(_segmenter(model), seed, quality, laterality)
 
 
 def evaluate_real(segmenter: Segmenter, quality: str) -> list[dict]:
@@ -89,24 +96,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/eval-default.json")
     parser.add_argument("--no-laterality", action="store_true", help="the model's raw masks for sided prompts")
     parser.add_argument("--skip-real", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="phantoms evaluated in parallel (1 thread each)")
     args = parser.parse_args(argv)
-    segmenter = Segmenter(args.model, device="cpu")
     t0 = time.time()
     rows_file = Path(args.out).with_suffix(".rows.jsonl")  # one line a phantom: an interrupted run resumes
     rows_file.parent.mkdir(parents=True, exist_ok=True)
     done = {}
     if rows_file.exists():
         done = {row["seed"]: row for row in map(json.loads, rows_file.read_text().splitlines())}
-    phantoms = []
-    for seed in list(HELD_OUT_PHANTOM_SEEDS)[: args.phantoms]:
-        if seed not in done:
-            done[seed] = evaluate_phantom(segmenter, seed, args.quality, not args.no_laterality)
+    seeds = list(HELD_OUT_PHANTOM_SEEDS)[: args.phantoms]
+    todo = [seed for seed in seeds if seed not in done]
+    job = partial(_evaluate_seed, args.model, args.quality, not args.no_laterality)
+    with ProcessPoolExecutor(args.workers, initializer=torch.set_num_threads, initargs=(1,)) if args.workers > 1 \
+            else nullcontext() as pool:
+        for row in (pool.map(job, todo) if pool else map(job, todo)):
+            done[row["seed"]] = row
             with rows_file.open("a") as rows:
-                rows.write(json.dumps(done[seed]) + "\n")
-        phantoms.append(done[seed])
-        print(f"phantom {seed}: organ DSC {np.mean(list(phantoms[-1]['organ_dice'].values())):.3f} "
-              f"({time.time() - t0:.0f} s)", flush=True)
-    summary = summarize(phantoms, [] if args.skip_real else evaluate_real(segmenter, args.quality))
+                rows.write(json.dumps(row) + "\n")
+            print(f"phantom {row['seed']}: organ DSC {np.mean(list(row['organ_dice'].values())):.3f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+    phantoms = [done[seed] for seed in seeds]
+    summary = summarize(phantoms, [] if args.skip_real else evaluate_real(_segmenter(args.model), args.quality))
     summary.update(model=args.model, quality=args.quality, laterality=not args.no_laterality,
                    seconds=round(time.time() - t0, 1))
     Path(args.out).write_text(json.dumps({"summary": summary, "phantom_rows": phantoms}, indent=2))
