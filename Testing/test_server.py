@@ -81,10 +81,14 @@ def tiny(seed: int) -> Volume:
 
 
 def long_volume() -> Volume:
-    """A phantom in a 77 x 77 x 51 cm field of view: its accurate segmentation takes over a hundred windows even
-    on the default model's coarse 5 mm grid (tens of seconds on 2 CPU cores)."""
+    """A phantom in a 77 x 77 x 51 cm field of view (over a hundred windows on the default model's 5 mm grid)."""
     case = generate_phantom(3, shape=(96, 96, 64), spacing=(8.0, 8.0, 8.0))
     return Volume(case.image, case.affine)
+
+
+# With these, accurate segmentation of long_volume() takes about 12 s on 2 CPU cores (one prompt: 2 s).
+LONG_PROMPTS = ["liver", "spleen", "stomach", "pancreas", "left kidney", "right kidney", "aorta",
+                "inferior vena cava", "vertebrae", "urinary bladder"]
 
 
 def test_round_trip_equals_in_process(segmenter: Segmenter, tmp_path) -> None:
@@ -152,7 +156,7 @@ def test_auth_size_and_malformed_volume(segmenter: Segmenter) -> None:
 
 def test_full_queue_503_and_disconnect_frees_the_slot(segmenter: Segmenter) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    form = {"prompts": ["liver"], "quality": "accurate"}
+    form = {"prompts": LONG_PROMPTS, "quality": "accurate"}
     with serve(segmenter, concurrency=1, max_queue=0, token=TOKEN) as url:
         # A plain (non-streaming) request whose client gives up after 2 s: the server must notice and cancel.
         with pytest.raises(httpx.ReadTimeout):
@@ -164,9 +168,9 @@ def test_full_queue_503_and_disconnect_frees_the_slot(segmenter: Segmenter) -> N
         cancel = threading.Event()
         remote = RemoteSegmenter(url, TOKEN)
         with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(remote.segment, long_volume(), "liver", cancel=cancel)
+            first = pool.submit(remote.segment, long_volume(), LONG_PROMPTS, cancel=cancel)
             wait_for(url, lambda s: s["running"] == 1, 30)
-            busy = httpx.post(f"{url}/v1/segment", headers=auth, data={**form, "quality": "fast"},
+            busy = httpx.post(f"{url}/v1/segment", headers=auth, data={"prompts": ["liver"], "quality": "fast"},
                               files={"volume": encode_volume(tiny(1))})
             assert busy.status_code == 503 and int(busy.headers["Retry-After"]) >= 1
             cancel.set()
@@ -440,6 +444,7 @@ def test_report_and_ask_equal_in_process(reporter: Reporter, tmp_path, capsys) -
         assert remote.report(path, stream=pieces.append, greedy=True) == local_report
         assert len(pieces) > 5 and "".join(pieces).strip() == local_report
         assert remote.ask(path, question, choices, greedy=True) == local_answer
+        assert remote.ask(path, question, choices, score=True) == reporter.ask(path, question, choices, score=True)
         auth = {"Authorization": f"Bearer {TOKEN}"}
         upload = {"volume": path.read_bytes()}
         plain = httpx.post(f"{url}/v1/report", headers=auth, data={"greedy": "true"}, files=upload)

@@ -115,7 +115,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     answer = _reporter(args).ask(args.volume, args.question, args.choices, greedy=args.greedy,
-                                 max_new_tokens=args.max_new_tokens)
+                                 max_new_tokens=args.max_new_tokens, score=args.score)
     print(answer)
     if args.choices and answer.index is None:
         print("voxtext: the answer names none of the choices", file=sys.stderr)
@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "ask":
             vlm.add_argument("question", help="e.g. 'Is there a kidney stone?'")
             vlm.add_argument("--choices", nargs="+", default=None, help="closed question options, e.g. yes no")
+            vlm.add_argument("--score", action="store_true", help="with --choices: pick the option whose answer "
+                             "the model finds most likely (log-likelihood of 'A. yes', ...) instead of generating")
         else:
             vlm.add_argument("-o", "--output", default=None, help="also write the report to this text file")
             vlm.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -24,8 +24,10 @@ from .checkpoints import ModelSpec, resolve_folder
 from .errors import CheckpointError, InputError
 from .inference import Precision, resolve_device
 from .models.dcformer import DCFormerConfig, med3dvlm_config
-from .models.med3dvlm import IMAGE_SIZE, Med3DVLMConfig, Med3DVLMForCausalLM, encode_prompts, image_token_id
-from .models.med3dvlm import load_med3dvlm, prepare_volume
+from .models.med3dvlm import (
+    IMAGE_SIZE, Med3DVLMConfig, Med3DVLMForCausalLM, encode_answers, encode_prompts, image_token_id, load_med3dvlm,
+    prepare_volume,
+)
 from .models.med3dvlm.model import DeviceMap, check_quantization, device_of, device_types, plan_device_map, read_config
 from .volume import Volume
 
@@ -93,11 +95,15 @@ def parse_choice(text: str, choices: Sequence[str]) -> int | None:
 
 @dataclass(frozen=True)
 class Answer:
-    """A generated answer; for closed questions the option it picks (None when unparseable)."""
+    """A generated answer; for closed questions the option it picks (None when unparseable).
+
+    ``scores``: with scored choices, the log-likelihood of each option's answer (``"A. yes"``) under the model.
+    """
 
     text: str
     choices: tuple[str, ...] = ()
     index: int | None = None
+    scores: tuple[float, ...] = ()
 
     @property
     def choice(self) -> str | None:
@@ -262,8 +268,14 @@ class Reporter:
         stream: Callable[[str], None] | None = None,
         greedy: bool = False,
         max_new_tokens: int | None = None,
+        score: bool = False,
     ) -> Answer:
-        """Answer ``question``; with ``choices`` (2-8 options) the answer is parsed strictly into one of them."""
+        """Answer ``question``; with ``choices`` (2-8 options) the answer is parsed strictly into one of them.
+
+        ``score`` (closed questions): instead of generating, rank the options by the log-likelihood the
+        model gives each answer ``"X. option"`` (as multiple-choice benchmarks of language models do);
+        the answer is always one of the choices and ``Answer.scores`` holds the log-likelihoods.
+        """
         if not isinstance(question, str) or not question.strip():
             raise InputError("empty question: ask something, e.g. 'Is there a kidney stone?'")
         options = tuple(" ".join(str(c).split()) for c in choices) if choices else ()
@@ -271,9 +283,30 @@ class Reporter:
             raise InputError(f"give between 2 and {len(LETTERS)} choices, got {len(options)}")
         if options and (not all(options) or len(set(map(_normalize, options))) != len(options)):
             raise InputError(f"choices must be distinct and non-empty, got {list(choices)}")
+        if score and not options:
+            raise InputError("scoring ranks the options of a closed question: give choices")
         prompt = format_question(" ".join(question.split()), options)
+        if score:
+            scores = self.score_answers(self.prepare(volume), prompt, [format_choice_answer(options, i)
+                                                                      for i in range(len(options))])
+            best = int(np.argmax(scores))
+            answer = Answer(format_choice_answer(options, best), options, best, tuple(scores))
+            if stream is not None:
+                stream(answer.text)
+            return answer
         text = self._generate(self.prepare(volume), prompt, " ", stream, greedy, max_new_tokens)
         return Answer(text, options, parse_choice(text, options) if options else None)
+
+    @torch.no_grad()
+    def score_answers(self, image: torch.Tensor, prompt: str, answers: Sequence[str]) -> list[float]:
+        """Log-likelihood of each answer (its tokens and EOS) after ``prompt`` about the prepared ``image``."""
+        batch = encode_answers(self.tokenizer, [(prompt, " ", a) for a in answers], self.model.num_image_tokens)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = self.model(**batch, images=image.expand(len(answers), *image.shape[1:])).logits.float()
+        targets = labels[:, 1:]
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+        return (log_probs * (targets != -100)).sum(dim=1).tolist()
 
 
 @functools.lru_cache(maxsize=2)

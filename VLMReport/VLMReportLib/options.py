@@ -25,6 +25,7 @@ class ReportOptions:
     precision: Precision = "fp32"
     greedy: bool = True
     max_new_tokens: int | None = None
+    score_choices: bool = True  # closed questions: rank the options by likelihood (always one of them)
     server: str = ""  # a ``voxtext serve --vlm`` URL runs the model there (token from VOXTEXT_TOKEN)
 
     def __post_init__(self) -> None:

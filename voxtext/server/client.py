@@ -154,12 +154,14 @@ class RemoteReporter(RemoteModel):
         stream: Callable[[str], None] | None = None,
         greedy: bool = False,
         max_new_tokens: int | None = None,
+        score: bool = False,
     ) -> Answer:
-        """Answer ``question``; with ``choices`` the server parses the answer strictly into one of them."""
+        """Answer ``question``; with ``choices`` the server parses the answer strictly into one of them
+        (``score``: ranks them by likelihood, see :meth:`voxtext.report.Reporter.ask`)."""
         fields = {"question": question, "choices": list(choices) if choices else None, "greedy": greedy,
-                  "max_new_tokens": max_new_tokens}
+                  "max_new_tokens": max_new_tokens, "score": score}
         result = self._generate("/v1/ask", volume, fields, stream)
-        return Answer(result["text"], tuple(result["choices"]), result["index"])
+        return Answer(result["text"], tuple(result["choices"]), result["index"], tuple(result["scores"]))
 
     def _generate(self, path: str, volume: Volume | str | Path | np.ndarray, fields: dict[str, object],
                   stream: Callable[[str], None] | None) -> dict[str, Any]:

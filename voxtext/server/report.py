@@ -41,6 +41,8 @@ class AskOptions(ReportOptions):
     question: str = Field(min_length=1, max_length=2000, description="e.g. 'Is there a kidney stone?'")
     choices: list[str] = Field(default_factory=list, max_length=len(LETTERS),
                                description="options of a closed question, one per field (none: open question)")
+    score: bool = Field(False, description="closed question: rank the options by the log-likelihood of each "
+                        "answer instead of generating (the answer is always one of them)")
 
 
 class ReportResult(BaseModel):
@@ -56,6 +58,8 @@ class AnswerResult(ReportResult):
 
     choices: list[str]
     index: int | None
+    scores: list[float] = Field(description="with score: the log-likelihood of each option's answer "
+                                "(empty otherwise)")
 
 
 def _run(data: bytes, max_bytes: int, pieces: queue.SimpleQueue[str], generate: Generate,
@@ -119,7 +123,8 @@ async def ask(request: Request, volume: VolumeUpload, options: Annotated[AskOpti
               stream: StreamFlag = False) -> AnswerResult | Response:
     def generate(reporter: Reporter, image: Volume, piece: Callable[[str], None]) -> dict[str, Any]:
         answer = reporter.ask(image, options.question, options.choices, stream=piece, greedy=options.greedy,
-                              max_new_tokens=options.max_new_tokens)
-        return {"text": answer.text, "choices": list(answer.choices), "index": answer.index}
+                              max_new_tokens=options.max_new_tokens, score=options.score)
+        return {"text": answer.text, "choices": list(answer.choices), "index": answer.index,
+                "scores": list(answer.scores)}
 
     return await _generate(request, volume, options, stream, generate, AnswerResult)

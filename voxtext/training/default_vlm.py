@@ -11,6 +11,7 @@ import argparse
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ..phantom import generate_phantom
 from ..report import Reporter
 from ..volume import Volume
 from .train_vlm import ModelSize, Stage, train
-from .vlm_data import phantom_cases
+from .vlm_data import phantom_cases, phantom_lesions
 
 HELD_OUT_SEED = 100_000
 # How voxtext.phantom.write_report words each lesion type.
@@ -41,10 +42,23 @@ def true_lesions(findings: Iterable[dict]) -> set[tuple[str, str]]:
     return {(f"{f['side']} kidney" if f["side"] else f["organ"], f["type"]) for f in findings}
 
 
-def evaluate(reporter: Reporter, seeds: Iterable[int], lesions: float = 0.5) -> dict:
-    """Greedy closed-question accuracy and report findings recall / precision / hallucinations on phantoms."""
+def answer_prior(seeds: Iterable[int], shape: tuple[int, int, int]) -> dict[str, str]:
+    """The most frequent answer to each closed question over training phantoms ``seeds`` (generated at
+    ``shape``, x-y-z, as for training): what a model that ignores the image can do at best."""
+    counts: dict[str, Counter] = {}
+    for seed in seeds:
+        for item in generate_phantom(seed, shape=shape, lesions=phantom_lesions(seed)).qa:
+            if item["type"] == "closed":
+                counts.setdefault(item["question"], Counter())[item["answer"]] += 1
+    return {question: c.most_common(1)[0][0] for question, c in counts.items()}
+
+
+def evaluate(reporter: Reporter, seeds: Iterable[int], lesions: float = 0.5, prior: dict[str, str] | None = None
+             ) -> dict:
+    """Closed-question accuracy (greedy answers parsed strictly, options ranked by likelihood, and the
+    image-blind ``prior`` answers) and report findings recall / precision / hallucinations on phantoms."""
     d, h, w = reporter.image_size
-    closed = correct = unparsed = tp = fp = fn = normal = normal_with_lesion = 0
+    closed = correct = scored = blind = unparsed = tp = fp = fn = normal = normal_with_lesion = 0
     for seed in seeds:
         ph = generate_phantom(seed, shape=(w, h, d), lesions=lesions)
         volume = Volume(ph.image, ph.affine, "CT")
@@ -55,6 +69,8 @@ def evaluate(reporter: Reporter, seeds: Iterable[int], lesions: float = 0.5) -> 
             closed += 1
             correct += answer.choice == item["answer"]
             unparsed += answer.index is None
+            scored += reporter.ask(volume, item["question"], item["choices"], score=True).choice == item["answer"]
+            blind += (prior or {}).get(item["question"]) == item["answer"]
         said, truth = mentioned_lesions(reporter.report(volume, greedy=True)), true_lesions(ph.findings)
         tp, fp, fn = tp + len(said & truth), fp + len(said - truth), fn + len(truth - said)
         if not truth:
@@ -62,6 +78,7 @@ def evaluate(reporter: Reporter, seeds: Iterable[int], lesions: float = 0.5) -> 
             normal_with_lesion += bool(said)
     return {
         "closed_questions": closed, "closed_accuracy": correct / max(closed, 1), "unparsed_answers": unparsed,
+        "closed_accuracy_scored": scored / max(closed, 1), "closed_accuracy_prior": blind / max(closed, 1),
         "findings_recall": tp / max(tp + fn, 1), "findings_precision": tp / max(tp + fp, 1),
         "true_findings": tp + fn, "normal_cases": normal,
         "normal_cases_with_hallucinated_lesion": normal_with_lesion,
@@ -76,20 +93,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-cases", type=int, default=40, help="held-out phantoms (a quarter without lesions)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--evaluate", metavar="MODEL", default=None,
+                        help="only evaluate this model folder (e.g. voxtext/weights/vlm-default), no training")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out, size, t0 = Path(args.out), ModelSize(), time.time()
-    cases = phantom_cases(range(args.cases), size.image_size, size.image_window)
-    folder, losses = train(cases, out, size, [Stage("full", args.steps, args.lr)])
-    train_s = time.time() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    scores: dict = {}
+    if args.evaluate:
+        folder = Path(args.evaluate)
+    else:
+        cases = phantom_cases(range(args.cases), size.image_size, size.image_window)
+        folder, losses = train(cases, out, size, [Stage("full", args.steps, args.lr)])
+        scores |= {"train_seconds": round(time.time() - t0, 1), "final_loss": losses[-1]}
+    t_eval = time.time()
     reporter = Reporter(folder, device="cpu")
     n_normal = args.eval_cases // 4
     seeds = range(HELD_OUT_SEED, HELD_OUT_SEED + args.eval_cases - n_normal)
     normal_seeds = range(HELD_OUT_SEED + 50_000, HELD_OUT_SEED + 50_000 + n_normal)
-    scores = {"lesion_cases": evaluate(reporter, seeds), "normal_cases": evaluate(reporter, normal_seeds, 0.0),
-              "train_seconds": round(train_s, 1), "final_loss": losses[-1],
-              "parameters": int(sum(p.numel() for p in reporter.model.parameters()))}
-    scores["eval_seconds"] = round(time.time() - t0 - train_s, 1)
+    prior = answer_prior(range(args.cases), tuple(reporter.image_size[::-1]))
+    scores |= {"lesion_cases": evaluate(reporter, seeds, prior=prior),
+               "normal_cases": evaluate(reporter, normal_seeds, 0.0, prior),
+               "parameters": int(sum(p.numel() for p in reporter.model.parameters())),
+               "eval_seconds": round(time.time() - t_eval, 1)}
     (out / "eval.json").write_text(json.dumps(scores, indent=2, default=float))
     print(json.dumps(scores, indent=2, default=float))
     return 0

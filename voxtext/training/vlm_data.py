@@ -28,7 +28,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..errors import InputError
-from ..models.med3dvlm import IMAGE_TOKEN, encode_prompts, prepare_volume
+from ..models.med3dvlm import IMAGE_TOKEN, encode_answers, prepare_volume
 from ..phantom import generate_phantom
 from ..report import LETTERS, REPORT_PROMPT, format_choice_answer, format_question
 from ..volume import Volume
@@ -59,11 +59,16 @@ def qa_pairs(qa: Iterable[dict]) -> list[tuple[str, str]]:
     return pairs
 
 
+def phantom_lesions(seed: int) -> float:
+    """Lesion probability of training phantom ``seed``: every fourth one is normal."""
+    return 0.0 if seed % 4 == 0 else 0.5
+
+
 def phantom_cases(seeds: Iterable[int], size: Sequence[int], window: Sequence[float] | None) -> list[Case]:
     """Phantoms generated directly at the model's input size (a quarter of them without lesions)."""
     cases = []
     for seed in seeds:
-        ph = generate_phantom(seed, shape=tuple(size[::-1]), lesions=0.0 if seed % 4 == 0 else 0.5)
+        ph = generate_phantom(seed, shape=tuple(size[::-1]), lesions=phantom_lesions(seed))
         image = prepare_volume(Volume(ph.image, ph.affine, "CT"), tuple(size), window)[0].half()
         cases.append(Case(image, ph.report, qa_pairs(ph.qa)))
     return cases
@@ -122,27 +127,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
                                    additional_special_tokens=[IMAGE_TOKEN])
 
 
-def collate(
-    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str, str]], num_image_tokens: int, max_length: int
-) -> dict[str, torch.Tensor]:
-    """Left-padded ids, mask and labels of ``(prompt, separator, answer)``: the loss covers ``" " + answer + EOS``."""
-    rows, targets = [], []
-    for prompt, separator, answer in pairs:
-        ids = encode_prompts(tokenizer, [prompt], num_image_tokens, separator)["input_ids"][0].tolist()
-        target = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append((ids + target)[:max_length])
-        targets.append(len(target))
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    labels = torch.full_like(input_ids, -100)
-    for i, (row, n) in enumerate(zip(rows, targets)):
-        n = min(n, len(row) - num_image_tokens - 1)
-        labels[i, width - n:] = input_ids[i, width - n:]
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
 def sample_batches(
     cases: Sequence[Case], tokenizer: PreTrainedTokenizerBase, num_image_tokens: int, batch_size: int,
     caption_ratio: float = 0.5, max_length: int = 512,
@@ -157,6 +141,6 @@ def sample_batches(
             else:
                 question, answer = random.choice(case.questions)
                 pairs.append((question, " ", answer))
-        batch = collate(tokenizer, pairs, num_image_tokens, max_length)
+        batch = encode_answers(tokenizer, pairs, num_image_tokens, max_length)
         batch["images"] = torch.stack([c.image for c in chosen]).float()
         yield batch

@@ -45,3 +45,32 @@ def encode_prompts(
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def encode_answers(
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str, str]],
+    num_image_tokens: int,
+    max_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids`` / ``attention_mask`` / ``labels`` of ``(question, separator, answer)`` triples.
+
+    Each row is the prompt of :func:`encode_prompts` followed by ``" " + answer`` and EOS; ``labels``
+    hold those answer tokens (and EOS) and -100 elsewhere: the training targets, and what
+    :meth:`voxtext.report.Reporter.ask` scores to rank the options of a closed question.
+    """
+    rows, answer_lengths = [], []
+    for question, separator, answer in pairs:
+        prompt = encode_prompts(tokenizer, [question], num_image_tokens, separator)["input_ids"][0].tolist()
+        target = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        row = prompt + target
+        rows.append(row[:max_length] if max_length else row)
+        answer_lengths.append(min(len(target), len(rows[-1]) - num_image_tokens - 1))
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    labels = torch.full_like(input_ids, -100)
+    for i, n in enumerate(answer_lengths):
+        labels[i, width - n:] = input_ids[i, width - n:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
