@@ -300,3 +300,11 @@ def test_eval_vqa_generates_closed_answers_with_the_default_vlm(cases, tmp_path)
     for prediction, row in zip(predictions, rows):
         assert row["accuracy"] == ("1.000000" if parse_choice(prediction["prediction"], choices) == 0 else "0.000000")
     assert "Abnormality" in (out / "summary.md").read_text()
+
+    scored = tmp_path / "vqa-scored"
+    assert main(["eval-vqa", "--model", "default", "--data", str(data), "--score", "--device", "cpu",
+                 "--out", str(scored)]) == 0
+    predictions = [json.loads(line)["prediction"] for line in (scored / "predictions.jsonl").read_text().splitlines()]
+    assert all(parse_choice(p, choices) is not None for p in predictions)  # a ranked choice is never unparseable
+    assert [float(r["accuracy"]) for r in read_csv(scored / "vqa_closed.csv")] == \
+        [float(parse_choice(p, choices) == 0) for p in predictions]

@@ -305,8 +305,10 @@ def generate_reports(reporter, rows: Sequence[dict], root: Path, greedy: bool, m
 
 
 def generate_answers(reporter, rows: Sequence[dict], root: Path, mode: str, greedy: bool,
-                     max_new_tokens: int | None, progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Ask each question (closed: with its choices, as M3D-VQA's closed-ended evaluation; open: without)."""
+                     max_new_tokens: int | None, progress: Callable[[str], None] | None = None,
+                     score: bool = False) -> list[dict]:
+    """Ask each question (closed: with its choices, as M3D-VQA's closed-ended evaluation, or with ``score`` by
+    ranking the choices by likelihood; open: without)."""
     out = []
     for index, row in enumerate(rows, 1):
         if not row.get("question"):
@@ -316,7 +318,7 @@ def generate_answers(reporter, rows: Sequence[dict], root: Path, mode: str, gree
             if not row.get("choices"):
                 raise InputError(f"record {row['id']!r} has no choices: use --mode open")
             answer = reporter.ask(manifest_image(row, root), row["question"], row["choices"], greedy=greedy,
-                                  max_new_tokens=max_new_tokens)
+                                  max_new_tokens=max_new_tokens, score=score)
             record.update(choices=list(row["choices"]), answer_choice=row.get("answer_choice", ""))
         else:
             answer = reporter.ask(manifest_image(row, root), row["question"], greedy=greedy, max_new_tokens=max_new_tokens)
@@ -436,12 +438,14 @@ def main_eval_vqa(argv: Sequence[str] | None = None) -> int:
                                                      "question_type[, choices, answer_choice]")
     parser.add_argument("--mode", default="closed", choices=["closed", "open"],
                         help="with --model: ask with the choices (closed) or without (open)")
+    parser.add_argument("--score", action="store_true", help="with --model --mode closed: pick the most likely "
+                        "choice (log-likelihood of each answer) instead of parsing generated text")
     _common(parser)
     args = parser.parse_args(argv)
     return _generate_and_score(
         args, "VQA",
         lambda reporter, rows, root: generate_answers(reporter, rows, root, args.mode, args.greedy,
-                                                      args.max_new_tokens, _progress),
+                                                      args.max_new_tokens, _progress, args.score),
         lambda rows, out: evaluate_vqa(rows, out, args.metrics, _bertscore(args), _device(args)))
 
 
