@@ -59,7 +59,7 @@ def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
         result = {"text": reporter.report(volume, **decoding), "choices": [], "index": None}
     else:
         emit({"event": "status", "message": f"Answering on {where}"})
-        scored = bool(job["choices"]) and options.get("score_choices", True)
+        scored = bool(job["choices"]) and options["score_choices"]
         answer = reporter.ask(volume, job["question"], job["choices"] or None, score=scored, **decoding)
         result = {"text": answer.text, "choices": list(answer.choices), "index": answer.index}
     partial = folder / ("partial-" + RESULT_FILE)

@@ -8,5 +8,6 @@ from .prompt import IMAGE_TOKEN, encode_answers, encode_prompts, image_token_id
 
 __all__ = [
     "IMAGE_SIZE", "IMAGE_TOKEN", "Med3DVLMConfig", "Med3DVLMForCausalLM", "MixerLayer", "MixerProjector",
-    "VisionTower", "encode_answers", "encode_prompts", "image_token_id", "insert_image_features", "load_med3dvlm", "prepare_volume",
+    "VisionTower", "encode_answers", "encode_prompts", "image_token_id", "insert_image_features", "load_med3dvlm",
+    "prepare_volume",
 ]

@@ -22,6 +22,23 @@ def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, image_id: int, num_image_tokens: int, separator: str,
+                question: str) -> list[int]:
+    return [image_id] * num_image_tokens + tokenizer(separator + question, add_special_tokens=False)["input_ids"]
+
+
+def _left_pad(
+    rows: Sequence[list[int]], pad: int | None, tokenizer: PreTrainedTokenizerBase
+) -> dict[str, torch.Tensor]:
+    """``input_ids`` / ``attention_mask`` of ``rows`` padded on the left (pad: the tokenizer's, else EOS)."""
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase,
     questions: Sequence[str],
@@ -36,15 +53,8 @@ def encode_prompts(
     :func:`~voxtext.models.med3dvlm.model.insert_image_features`); that is how the model was trained.
     """
     image_id = image_token_id(tokenizer)
-    pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id
-    rows = [[image_id] * num_image_tokens + tokenizer(separator + q, add_special_tokens=False)["input_ids"]
-            for q in questions]
-    width = max(len(r) for r in rows)
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    rows = [_prompt_ids(tokenizer, image_id, num_image_tokens, separator, q) for q in questions]
+    return _left_pad(rows, pad_token_id, tokenizer)
 
 
 def encode_answers(
@@ -59,18 +69,15 @@ def encode_answers(
     hold those answer tokens (and EOS) and -100 elsewhere: the training targets, and what
     :meth:`voxtext.report.Reporter.ask` scores to rank the options of a closed question.
     """
-    rows, answer_lengths = [], []
+    image_id, rows, answer_lengths = image_token_id(tokenizer), [], []
     for question, separator, answer in pairs:
-        prompt = encode_prompts(tokenizer, [question], num_image_tokens, separator)["input_ids"][0].tolist()
         target = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        row = prompt + target
-        rows.append(row[:max_length] if max_length else row)
-        answer_lengths.append(min(len(target), len(rows[-1]) - num_image_tokens - 1))
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    labels = torch.full_like(input_ids, -100)
+        row = (_prompt_ids(tokenizer, image_id, num_image_tokens, separator, question) + target)[:max_length]
+        rows.append(row)
+        answer_lengths.append(min(len(target), len(row) - num_image_tokens - 1))
+    batch = _left_pad(rows, None, tokenizer)
+    input_ids, width = batch["input_ids"], batch["input_ids"].shape[1]
+    batch["labels"] = torch.full_like(input_ids, -100)
     for i, n in enumerate(answer_lengths):
-        labels[i, width - n:] = input_ids[i, width - n:]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch["labels"][i, width - n:] = input_ids[i, width - n:]
+    return batch
