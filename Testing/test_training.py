@@ -66,9 +66,9 @@ def test_sampler_labels_match_prompts_and_absent_prompts_are_empty():
     seen: dict[str, list[bool]] = {}
     for _ in range(60):
         s = sampler.sample()
-        assert s.image.shape == s.label.shape == (1, 16, 16, 16)
-        seen.setdefault(s.prompt, []).append(bool(s.label.any()))
-        if s.label.any() and s.prompt in ("cube", "bright box"):
+        assert s.image.shape == s.label.shape == (1, 16, 16, 16) and len(s.prompts) == 1
+        seen.setdefault(s.prompts[0], []).append(bool(s.label.any()))
+        if s.label.any() and s.prompts[0] in ("cube", "bright box"):
             # The bright cube, not the dim ball: the prompt decides what is labelled.
             assert s.image[s.label].mean() > s.image[(s.image > 0) & ~s.label].mean()
     assert not any(seen["pyramid"])
@@ -80,6 +80,42 @@ def test_sampler_labels_match_prompts_and_absent_prompts_are_empty():
     assert all(sampler.sample().label.any() for _ in range(30))
 
 
+def test_sampler_asks_each_crop_for_distinct_structures():
+    case = shapes_case(0)
+    case.targets.append(Target(("pyramid",), (7,)))  # never present
+    names = {"cube": "cube", "bright box": "cube", "ball": "ball", "grey sphere": "ball", "pyramid": "pyramid"}
+    roi = (48, 48, 48)  # twice the volume: every crop holds the whole of the cube and the ball
+    sampler = CropSampler([case], roi, pos_ratio=0.0, absent_prompt_prob=0.0, seed=3, prompts_per_crop=3)
+    for _ in range(10):
+        s = sampler.sample()
+        assert s.label.shape == (3, *roi) and len(s.prompts) == 3
+        asked = [names[p] for p in s.prompts]
+        assert sorted(asked[:2]) == ["ball", "cube"] and asked[2] in ("ball", "cube")  # both before a repeat
+        for prompt, label in zip(asked, s.label):
+            assert label.sum() == (case.labels == (1 if prompt == "cube" else 2)).sum()
+        cube, ball = s.label[asked.index("cube")], s.label[asked.index("ball")]
+        assert s.image[0][cube].mean() > s.image[0][ball].mean()  # each label is its own structure
+    # With absent prompts allowed, the structure not in the crop is asked too, with an empty label.
+    sampler = CropSampler([case], roi, pos_ratio=0.0, absent_prompt_prob=0.5, seed=4, prompts_per_crop=3)
+    samples = [sampler.sample() for _ in range(20)]
+    pyramid = [label for s in samples for p, label in zip(s.prompts, s.label) if p == "pyramid"]
+    assert pyramid and not any(label.any() for label in pyramid)
+    with pytest.raises(ValueError, match="prompts_per_crop"):
+        CropSampler([case], (24, 24, 24), prompts_per_crop=0)
+
+
+def test_prompts_per_image_shares_one_encoding():
+    torch.manual_seed(0)
+    model = build_esica(ESICAConfig(**TINY)).eval()
+    tokens = load_tokenizer(TEXT)(["cube", "ball", "grey sphere", "bright box"], padding=True, return_tensors="pt")
+    images = torch.rand(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        shared = model(images, tokens["input_ids"], tokens["attention_mask"], prompts_per_image=2)
+        one_by_one = model(images.repeat_interleave(2, dim=0), tokens["input_ids"], tokens["attention_mask"])
+    assert shared.shape == (4, 1, 16, 16, 16)
+    torch.testing.assert_close(shared, one_by_one, rtol=1e-4, atol=1e-5)
+
+
 def test_short_training_lowers_loss_raises_dice_and_resumes(tmp_path):
     torch.manual_seed(0)
     cases = [shapes_case(s) for s in range(8)]
@@ -89,9 +125,12 @@ def test_short_training_lowers_loss_raises_dice_and_resumes(tmp_path):
     before = np.mean([predict_dice(model, tokenizer, held_out, p, v) for p, v in (("cube", 1), ("ball", 2))])
 
     def data(stage, rank, world):
-        return batch_stream(CropSampler(cases, (16, 16, 16), stage.pos_ratio, seed=rank), tokenizer, 4)
+        # 2 crops a step, each asked for 2 structures (the trainer's (B, K) label path)
+        return batch_stream(CropSampler(cases, (16, 16, 16), stage.pos_ratio, seed=rank, prompts_per_crop=2),
+                            tokenizer, 2)
 
-    config = TrainConfig(str(tmp_path / "run"), [StageConfig("pretrain", 60, lr=3e-3)], log_every=10, save_every=30)
+    config = TrainConfig(str(tmp_path / "run"), [StageConfig("pretrain", 60, lr=3e-3)], log_every=10, save_every=30,
+                         batch_size=2, prompts_per_crop=2)
     final = SegTrainer(model, config, data).fit()
     rows = [r.split(",") for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
     losses = [float(r[2]) for r in rows]

@@ -33,7 +33,7 @@ class SegmentOptions(BaseModel):
     quality: Literal["accurate", "fast"] = "accurate"
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     overlap: float | None = Field(None, ge=0.0, lt=1.0, description="sliding-window overlap (default: by quality)")
-    pass_num: int | None = Field(None, ge=1, le=4, description="refinement passes (default: the checkpoint's)")
+    pass_num: int | None = Field(None, ge=0, le=4, description="refinement passes (default: the checkpoint's)")
     roi: str | None = Field(None, description="voxel bounds as JSON, e.g. [[0,256],[0,512],[40,200]]")
     keep_largest: bool = False
     fill_holes: bool = False

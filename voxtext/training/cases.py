@@ -48,9 +48,11 @@ class TrainingCase:
 
 @dataclass(frozen=True)
 class Sample:
+    """One crop asked for ``K`` prompts: ``label[k]`` is the mask of ``prompts[k]``."""
+
     image: np.ndarray  # (1, r, r, r)
-    label: np.ndarray  # (1, r, r, r) bool
-    prompt: str
+    label: np.ndarray  # (K, r, r, r) bool
+    prompts: tuple[str, ...]
 
 
 def crop(array: np.ndarray, centre: Sequence[int], roi: Sequence[int]) -> np.ndarray:
@@ -67,12 +69,14 @@ def crop(array: np.ndarray, centre: Sequence[int], roi: Sequence[int]) -> np.nda
 
 
 class CropSampler:
-    """Endless stream of (crop, binary label, prompt) samples.
+    """Endless stream of crops, each with ``prompts_per_crop`` (prompt, binary label) pairs.
 
     ``pos_ratio``: probability that a crop is placed around a voxel of a present target (else anywhere).
-    The prompt is drawn among the structures in the crop, or, with ``absent_prompt_prob`` (or when
-    the crop holds none), among the group's structures NOT in the crop, with an empty label:
-    sliding-window inference asks every window for every prompt, and clinicians type absent structures.
+    Each prompt is drawn among the structures in the crop, or, with ``absent_prompt_prob`` (or when the
+    crop holds none), among the group's structures NOT in the crop, with an empty label: sliding-window
+    inference asks every window for every prompt, and clinicians type absent structures. The prompts of
+    one crop are distinct structures while there are enough, so neighbours in the crop are told apart;
+    the image is encoded once for all of them.
     """
 
     def __init__(
@@ -83,9 +87,13 @@ class CropSampler:
         absent_prompt_prob: float = 0.0,
         group_weights: dict[str, float] | None = None,
         seed: int = 0,
+        prompts_per_crop: int = 1,
     ) -> None:
+        if prompts_per_crop < 1:
+            raise ValueError(f"prompts_per_crop must be at least 1, got {prompts_per_crop}")
         self.cases, self.roi = [c for c in cases if c.present], tuple(roi)
         self.pos_ratio, self.absent_prompt_prob = pos_ratio, absent_prompt_prob
+        self.prompts_per_crop = prompts_per_crop
         self.rng = random.Random(seed)
         groups = sorted({c.group for c in self.cases})
         weights = group_weights or {}
@@ -107,16 +115,19 @@ class CropSampler:
         labels = crop(case.labels, centre, self.roi)
         in_crop = set(np.unique(labels).tolist())
         present = [t for t in case.present if in_crop.intersection(t.values)]
-        absent = [t for t in self.vocabulary[group] if t not in present]
-        if not present or (absent and self.rng.random() < self.absent_prompt_prob):
-            # Structures of the group that are not in this crop (absent from the case or elsewhere in it).
-            target, label = self.rng.choice(sorted(absent, key=lambda t: t.name)), np.zeros(self.roi, dtype=bool)
-        else:
-            # Any structure in the crop may be asked for, so the prompt must decide what is segmented.
-            target = self.rng.choice(present)
-            label = np.isin(labels, target.values)
+        absent = sorted((t for t in self.vocabulary[group] if t not in present), key=lambda t: t.name)
+        targets: list[Target] = []
+        unused_present, unused_absent = [], []
+        for _ in range(self.prompts_per_crop):
+            # Distinct structures first; a list is refilled (other phrasings) once all of it has been asked.
+            unused_present = unused_present or self.rng.sample(present, len(present))
+            unused_absent = unused_absent or self.rng.sample(absent, len(absent))
+            ask_absent = not unused_present or (unused_absent and self.rng.random() < self.absent_prompt_prob)
+            targets.append((unused_absent if ask_absent else unused_present).pop())
+        label = np.stack([np.isin(labels, t.values) if t in present else np.zeros(self.roi, dtype=bool)
+                          for t in targets])
         image = augment_intensity(crop(case.image, centre, self.roi), self.rng)
-        return Sample(image[None], label[None], self.rng.choice(target.phrasings))
+        return Sample(image[None], label, tuple(self.rng.choice(t.phrasings) for t in targets))
 
     def __iter__(self) -> Iterator[Sample]:
         while True:
@@ -133,8 +144,9 @@ def augment_intensity(image: np.ndarray, rng: random.Random) -> np.ndarray:
 
 
 def collate(samples: Sequence[Sample], tokenizer, max_length: int = 64) -> dict[str, torch.Tensor]:
-    tokens = tokenizer([s.prompt for s in samples], padding=True, truncation=True, max_length=max_length,
-                       return_tensors="pt")
+    """``image`` (B, 1, r, r, r), ``label`` (B, K, r, r, r) and the B*K prompts' tokens, crop-major."""
+    tokens = tokenizer([p for s in samples for p in s.prompts], padding=True, truncation=True,
+                       max_length=max_length, return_tensors="pt")
     return {
         "image": torch.from_numpy(np.stack([s.image for s in samples])),
         "label": torch.from_numpy(np.stack([s.label for s in samples])),

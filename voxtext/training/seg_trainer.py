@@ -52,7 +52,8 @@ class StageConfig:
 class TrainConfig:
     output_dir: str
     stages: list[StageConfig]
-    batch_size: int = 4
+    batch_size: int = 4  # crops per step
+    prompts_per_crop: int = 1  # prompts asked of each crop (the crop is encoded once for all)
     grad_accum: int = 1
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
@@ -84,7 +85,8 @@ class SegTrainer:
     """Trains an :class:`ESICA` model on batches from a per-stage data factory.
 
     ``data(stage, rank, world_size)`` returns an endless iterator of batches with keys
-    ``image`` and ``label`` (B, 1, *roi), ``input_ids`` and ``attention_mask``.
+    ``image`` (B, 1, *roi), ``label`` (B, K, *roi) and the tokens of the B*K prompts
+    (``input_ids``, ``attention_mask``, crop-major).
     """
 
     def __init__(
@@ -172,8 +174,11 @@ class SegTrainer:
                 sync = micro == cfg.grad_accum - 1 or not self.dist.enabled
                 context = nullcontext() if sync else net.no_sync()
                 with context, autocast:
-                    logits = net(batch["image"], batch["input_ids"], batch["attention_mask"])
-                    loss = loss_fn(logits.float(), batch["label"].float()) / cfg.grad_accum
+                    label = batch["label"]  # (B, K, *roi): K prompts per crop
+                    logits = net(batch["image"], batch["input_ids"], batch["attention_mask"],
+                                 prompts_per_image=label.shape[1])
+                    target = label.reshape(-1, 1, *label.shape[2:]).float()
+                    loss = loss_fn(logits.float(), target) / cfg.grad_accum
                 scaler.scale(loss).backward()
                 loss_value += loss.item()
             scaler.unscale_(optimizer)

@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", default=None, help="JSON of ESICAConfig fields for a new model")
     p.add_argument("--steps", type=int, nargs=2, default=(1000, 500), metavar=("PRETRAIN", "FINETUNE"))
     p.add_argument("--lr", type=float, nargs=2, default=(1e-4, 1e-5), metavar=("PRETRAIN", "FINETUNE"))
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="crops per step")
+    p.add_argument("--prompts-per-crop", type=int, default=1,
+                   help="structures asked of each crop (the crop is encoded once for all of them)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--absent-prompt-prob", type=float, default=0.25, help="stage-2 prompts of absent targets")
     p.add_argument("--amp", default="no", choices=["no", "bf16", "fp16"])
@@ -115,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
             [StageConfig("pretrain", args.steps[0], lr=args.lr[0], pos_ratio=1.0),
              StageConfig("finetune", args.steps[1], lr=args.lr[1], pos_ratio=0.5,
                          absent_prompt_prob=args.absent_prompt_prob, freeze_text_encoder=True)],
-            batch_size=args.batch_size, grad_accum=args.grad_accum, amp=args.amp, save_every=args.save_every,
+            batch_size=args.batch_size, prompts_per_crop=args.prompts_per_crop, grad_accum=args.grad_accum, amp=args.amp, save_every=args.save_every,
             seed=args.seed, extra={"world_size": dist.world_size, "data": args.data, "phantoms": args.phantoms},
         )
 
         def data(stage: StageConfig, rank: int, world: int):
             sampler = CropSampler(cases, model.config.image_size, stage.pos_ratio, stage.absent_prompt_prob,
-                                  seed=args.seed + 1000 * rank + len(stage.name))
+                                  seed=args.seed + 1000 * rank + len(stage.name), prompts_per_crop=args.prompts_per_crop)
             return batch_stream(sampler, tokenizer, args.batch_size)
 
         final = SegTrainer(model, config, data, dist, device).fit()

@@ -75,7 +75,19 @@ class ESICA(nn.Module):
         return logits
 
     def forward(
-        self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, pass_num: int | None = None
+        self,
+        image: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pass_num: int | None = None,
+        prompts_per_image: int = 1,
     ) -> torch.Tensor:
-        """Logits for image[b] prompted with text b (the reference's ``generate``)."""
-        return self.decode(self.encode_image(image), self.encode_text(input_ids, attention_mask), pass_num)
+        """Logits for the prompts of each image (the reference's ``generate`` when ``prompts_per_image`` is 1).
+
+        Prompts are image-major: prompt ``b * prompts_per_image + k`` is asked of ``image[b]``, which is
+        encoded once for all its prompts.
+        """
+        context = self.encode_image(image)
+        if prompts_per_image > 1:
+            context = context.repeat(prompts_per_image)
+        return self.decode(context, self.encode_text(input_ids, attention_mask), pass_num)
