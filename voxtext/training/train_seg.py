@@ -117,14 +117,16 @@ def main(argv: list[str] | None = None) -> int:
             [StageConfig("pretrain", args.steps[0], lr=args.lr[0], pos_ratio=1.0),
              StageConfig("finetune", args.steps[1], lr=args.lr[1], pos_ratio=0.5,
                          absent_prompt_prob=args.absent_prompt_prob, freeze_text_encoder=True)],
-            batch_size=args.batch_size, prompts_per_crop=args.prompts_per_crop, grad_accum=args.grad_accum, amp=args.amp, save_every=args.save_every,
-            seed=args.seed, extra={"world_size": dist.world_size, "data": args.data, "phantoms": args.phantoms},
+            batch_size=args.batch_size, prompts_per_crop=args.prompts_per_crop, grad_accum=args.grad_accum,
+            amp=args.amp, save_every=args.save_every, seed=args.seed,
+            extra={"world_size": dist.world_size, "data": args.data, "phantoms": args.phantoms},
         )
 
         def data(stage: StageConfig, rank: int, world: int):
             sampler = CropSampler(cases, model.config.image_size, stage.pos_ratio, stage.absent_prompt_prob,
-                                  seed=args.seed + 1000 * rank + len(stage.name), prompts_per_crop=args.prompts_per_crop)
-            return batch_stream(sampler, tokenizer, args.batch_size)
+                                  seed=args.seed + 1000 * rank + len(stage.name),
+                                  prompts_per_crop=config.prompts_per_crop)
+            return batch_stream(sampler, tokenizer, config.batch_size)
 
         final = SegTrainer(model, config, data, dist, device).fit()
         if dist.is_main:

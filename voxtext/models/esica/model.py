@@ -87,7 +87,5 @@ class ESICA(nn.Module):
         Prompts are image-major: prompt ``b * prompts_per_image + k`` is asked of ``image[b]``, which is
         encoded once for all its prompts.
         """
-        context = self.encode_image(image)
-        if prompts_per_image > 1:
-            context = context.repeat(prompts_per_image)
+        context = self.encode_image(image).repeat(prompts_per_image)
         return self.decode(context, self.encode_text(input_ids, attention_mask), pass_num)
