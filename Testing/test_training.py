@@ -18,7 +18,7 @@ from voxtext.evaluation.metrics import dice
 from voxtext.models.esica import ESICAConfig
 from voxtext.models.esica.text import load_tokenizer
 from voxtext.training.cases import CropSampler, Target, TrainingCase, batch_stream, crop
-from voxtext.training.seg_trainer import SegTrainer, StageConfig, TrainConfig, warmup_cosine
+from voxtext.training.seg_trainer import SegTrainer, StageConfig, TrainConfig, dice_focal_loss, warmup_cosine
 from voxtext.training.train_seg import folder_cases, read_prompts
 
 TEXT = "sentence-transformers/all-MiniLM-L6-v2"
@@ -57,6 +57,31 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
     assert warmup_cosine(10, 100, 10) == pytest.approx(1.0)
     assert warmup_cosine(100, 100, 10) == pytest.approx(0.0)
+
+
+def test_dice_per_prompt_weighs_small_structures_and_penalises_false_positives_on_empty_targets():
+    loss = dice_focal_loss(StageConfig("s", 1))
+    large, small = torch.zeros(1, 1, 16, 16, 16), torch.zeros(1, 1, 16, 16, 16)
+    large[..., :12, :, :] = 1
+    small[..., 7:9, 7:9, 7:9] = 1
+    target = torch.cat([large, small])
+    right = torch.where(target > 0, 8.0, -8.0)
+    small_missed = right.clone()
+    small_missed[1] = -8.0
+    # Missing an 8-voxel structure costs about as much as it would alone, not 8 / 3000 of the batch ...
+    assert loss(small_missed, target) - loss(right, target) > 0.4
+    batch = dice_focal_loss(StageConfig("s", 1, batch_dice=True))
+    assert batch(small_missed, target) - batch(right, target) < 0.05  # ... as it does with Dice over the batch.
+    empty = torch.zeros(1, 1, 16, 16, 16)
+    silent = torch.full((1, 1, 16, 16, 16), -12.0)
+    spots, blob = silent.clone(), silent.clone()
+    spots[..., :2, :2, :2] = 8.0
+    blob[..., :8, :8, :8] = 8.0
+    # An absent structure: its Dice grows with the predicted volume and stays near 0 when nothing is predicted;
+    # with MONAI's default smoothing it is saturated as soon as anything is predicted.
+    assert loss.dice(silent, empty) < 0.05 < loss.dice(spots, empty) < loss.dice(blob, empty) - 0.05
+    saturated = dice_focal_loss(StageConfig("s", 1, dice_smooth=1e-5)).dice
+    assert saturated(blob, empty) - saturated(spots, empty) < 0.01
 
 
 def test_sampler_labels_match_prompts_and_absent_prompts_are_empty():

@@ -165,6 +165,9 @@ HELD_OUT_PHANTOM_SEEDS = range(10_000, 10_050)  # never used for training
 GROUP_WEIGHTS = {"abdomen-ct": 0.6, "brain-mr": 0.3, "lesion-ct": 0.1}
 # Steps of the three stages: about 90 minutes on 2 CPU cores (3.2 s a step of 2 crops x 4 prompts).
 RECIPE_STEPS = (750, 250, 700)
+# MONAI's default Dice smoothing, with which the shipped weights were trained (stage 1 asks only for present
+# structures; stages 2-3 take Dice over the batch, so a target is hardly ever empty).
+RECIPE_DICE_SMOOTH = 1e-5
 
 
 def training_cases() -> list[TrainingCase]:
@@ -181,11 +184,12 @@ def recipe(output_dir: str, steps: tuple[int, int, int] = RECIPE_STEPS) -> Train
     return TrainConfig(
         output_dir,
         [
-            StageConfig("pretrain", steps[0], lr=1e-3, weight_decay=1e-5, pos_ratio=1.0, absent_prompt_prob=0.0),
+            StageConfig("pretrain", steps[0], lr=1e-3, weight_decay=1e-5, pos_ratio=1.0, absent_prompt_prob=0.0,
+                        dice_smooth=RECIPE_DICE_SMOOTH),
             StageConfig("finetune", steps[1], lr=2e-4, weight_decay=1e-6, pos_ratio=0.4, absent_prompt_prob=0.25,
-                        freeze_text_encoder=True, batch_dice=True),
+                        freeze_text_encoder=True, batch_dice=True, dice_smooth=RECIPE_DICE_SMOOTH),
             StageConfig("contrastive", steps[2], lr=3e-4, weight_decay=1e-6, pos_ratio=0.7, absent_prompt_prob=0.3,
-                        freeze_text_encoder=True, batch_dice=True),
+                        freeze_text_encoder=True, batch_dice=True, dice_smooth=RECIPE_DICE_SMOOTH),
         ],
         batch_size=2,
         prompts_per_crop=4,
