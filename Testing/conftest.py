@@ -135,4 +135,7 @@ def siglip_loss_worker(rank: int, world: int, init_file: str, arrays: dict, out_
     loss.backward()
     torch.save({"loss": loss.detach(), "logits": logits.detach(), "image_grad": image.grad, "text_grad": text.grad},
                f"{out_dir}/rank{rank}.pt")
+    # Wait for every rank's backward collectives: tearing gloo down while a peer still talks to this
+    # process made that peer abort ("terminate called without an active exception") in one CI run.
+    dist.barrier()
     dist.destroy_process_group()
