@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from ..blocks import DecompConv3d, RMSNorm3d
 from .transformer import TwoWayTransformer
@@ -46,18 +47,28 @@ class PromptEncoder(nn.Module):
 
 
 class SkipUpBlock(nn.Module):
-    """x2 trilinear upsampling + conv, fused with a skip connection, residual on the upsampled map."""
+    """x2 trilinear upsampling + conv, fused with a skip connection, residual on the upsampled map.
+
+    The fusing conv sees ``cat(up, skip)``; its skip half depends on the image only, so
+    :meth:`skip_term` computes it once per window and :meth:`forward` adds it for every prompt.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
+        self.dim = dim
         self.up_conv = nn.Sequential(
             nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False), nn.Conv3d(dim, dim, 3, padding=1)
         )
         self.conv = nn.Sequential(nn.Conv3d(2 * dim, dim, 3, padding=1), RMSNorm3d(dim), nn.GELU())
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def skip_term(self, skip: torch.Tensor) -> torch.Tensor:
+        fuse = self.conv[0]
+        return F.conv3d(skip, fuse.weight[:, self.dim :], fuse.bias, padding=1)
+
+    def forward(self, x: torch.Tensor, skip_term: torch.Tensor) -> torch.Tensor:
         up = self.up_conv(x)
-        return self.conv(torch.cat((up, skip), dim=1)) + up
+        fused = F.conv3d(up, self.conv[0].weight[:, : self.dim], padding=1) + skip_term
+        return self.conv[2](self.conv[1](fused)) + up
 
 
 class ImageDecoder(nn.Module):
@@ -73,14 +84,15 @@ class ImageDecoder(nn.Module):
         )
         self.up_blocks = nn.ModuleList(SkipUpBlock(hidden_dim) for _ in range(len(level_dims) - 1))
 
-    def adapt_skips(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Adapt the prompt-independent high-resolution levels, deepest first."""
-        return [self.adapters[i](x) for i, x in enumerate(skips)][::-1]
+    def skip_terms(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The prompt-independent part of each up block from the high-resolution levels, deepest first."""
+        adapted = [self.adapters[i](x) for i, x in enumerate(skips)][::-1]
+        return [block.skip_term(skip) for block, skip in zip(self.up_blocks, adapted)]
 
-    def forward(self, src: torch.Tensor, adapted_skips: list[torch.Tensor]) -> torch.Tensor:
-        x = self.adapters[len(adapted_skips)](src)
-        for block, skip in zip(self.up_blocks, adapted_skips):
-            x = block(x, skip)
+    def forward(self, src: torch.Tensor, skip_terms: list[torch.Tensor]) -> torch.Tensor:
+        x = self.adapters[len(skip_terms)](src)
+        for block, term in zip(self.up_blocks, skip_terms):
+            x = block(x, term)
         return x
 
 
@@ -114,14 +126,14 @@ class MaskDecoder(nn.Module):
         text_embedding: torch.Tensor,
         sparse: torch.Tensor,
         dense: torch.Tensor,
-        adapted_skips: list[torch.Tensor],
+        skip_terms: list[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns mask logits (B, 1, D, H, W) and the mask-token output (B, 1, C)."""
         tokens = torch.cat((self.mask_tokens.weight.expand(sparse.shape[0], -1, -1), sparse), dim=1)
         src = image_embedding + dense
         queries, keys = self.transformer(src, tokens)
         src = keys.transpose(1, 2).reshape(src.shape)
-        voxel_features = self.upscaling(src, adapted_skips)
+        voxel_features = self.upscaling(src, skip_terms)
         text_vector = self.txt_align_upscaled_embedding(text_embedding)
         logits = torch.einsum("bc,bc...->b...", text_vector, voxel_features).unsqueeze(1)
         return logits, queries[:, :1]
@@ -132,7 +144,7 @@ class ImageContext:
     """Prompt-independent decoder inputs of a batch of windows, computed once and shared by all prompts."""
 
     embedding: torch.Tensor
-    adapted_skips: list[torch.Tensor]
+    skip_terms: list[torch.Tensor]
 
     def repeat(self, n: int) -> "ImageContext":
         """Each window repeated ``n`` times in a row (window-major), as views where possible."""
@@ -140,7 +152,7 @@ class ImageContext:
         def rep(t: torch.Tensor) -> torch.Tensor:
             return t.unsqueeze(1).expand(t.shape[0], n, *t.shape[1:]).reshape(t.shape[0] * n, *t.shape[1:])
 
-        return ImageContext(rep(self.embedding), [rep(s) for s in self.adapted_skips])
+        return ImageContext(rep(self.embedding), [rep(s) for s in self.skip_terms])
 
 
 class SegDecoder(nn.Module):
@@ -168,14 +180,14 @@ class SegDecoder(nn.Module):
         self.text_adapt = nn.Linear(text_dim, dim)
 
     def image_context(self, features: list[torch.Tensor]) -> ImageContext:
-        return ImageContext(features[-1], self.mask_decoder.upscaling.adapt_skips(features[:-1]))
+        return ImageContext(features[-1], self.mask_decoder.upscaling.skip_terms(features[:-1]))
 
     def forward(self, context: ImageContext, text_embedding: torch.Tensor, pass_num: int | None = None) -> torch.Tensor:
         """Logits of the last pass; ``context`` and ``text_embedding`` are aligned along the batch."""
         text_token = self.text_adapt(text_embedding)
         sparse, dense = self.prompt_encoder(text_token)
-        logits, token = self.mask_decoder(context.embedding, text_embedding, sparse, dense, context.adapted_skips)
+        logits, token = self.mask_decoder(context.embedding, text_embedding, sparse, dense, context.skip_terms)
         for _ in range(self.pass_num if pass_num is None else pass_num):
             sparse, dense = self.prompt_encoder(text_token, torch.sigmoid(logits), token)
-            logits, token = self.mask_decoder(context.embedding, text_embedding, sparse, dense, context.adapted_skips)
+            logits, token = self.mask_decoder(context.embedding, text_embedding, sparse, dense, context.skip_terms)
         return logits
