@@ -129,6 +129,20 @@ def test_sampler_asks_each_crop_for_distinct_structures():
         CropSampler([case], (24, 24, 24), prompts_per_crop=0)
 
 
+def test_sampler_places_crops_on_weighted_targets_and_asks_their_anchor():
+    def ball_share(weight: float) -> float:
+        shapes = shapes_case(0)
+        case = TrainingCase(shapes.name, shapes.group, shapes.image, shapes.labels,
+                            [shapes.targets[0], Target(("ball",), (2,), anchor_weight=weight)])
+        # 8^3 crops around a voxel of the chosen target: most hold only that structure
+        sampler = CropSampler([case], (8, 8, 8), pos_ratio=1.0, seed=5)
+        return np.mean([sampler.sample().prompts[0] == "ball" for _ in range(400)])
+
+    # The anchor is asked first, so the prompt follows the weights: 1:1 -> about 1/2, 4:1 -> about 4/5.
+    assert 0.4 < ball_share(1.0) < 0.6
+    assert 0.72 < ball_share(4.0) < 0.88
+
+
 def test_prompts_per_image_shares_one_encoding():
     torch.manual_seed(0)
     model = build_esica(ESICAConfig(**TINY)).eval()

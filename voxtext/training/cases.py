@@ -17,10 +17,15 @@ import torch
 
 @dataclass(frozen=True)
 class Target:
-    """A structure that can be prompted: its phrasings and the label values it covers."""
+    """A structure that can be prompted: its phrasings and the label values it covers.
+
+    ``anchor_weight``: how often a target-centred crop is placed on it, relative to the case's other
+    present targets (raise it for small structures such as lesions, which few crops would otherwise hold).
+    """
 
     phrasings: tuple[str, ...]
     values: tuple[int, ...]
+    anchor_weight: float = 1.0
 
     @property
     def name(self) -> str:
@@ -104,12 +109,14 @@ class CropSampler:
     def sample(self) -> Sample:
         group = self.rng.choices(list(self.by_group), weights=self.group_weights)[0]
         case = self.rng.choice(self.by_group[group])
+        anchor = None
         if self.rng.random() < self.pos_ratio:
             # A voxel of a present target, shifted so the target is in the crop but not always at its centre:
             # otherwise "segment what is at the centre" would be a shortcut that ignores the prompt.
-            voxels = np.flatnonzero(case.mask(self.rng.choice(case.present)))
-            anchor = np.unravel_index(voxels[self.rng.randrange(len(voxels))], case.image.shape)
-            centre = [a + self.rng.randint(-r // 4, r // 4) for a, r in zip(anchor, self.roi)]
+            anchor = self.rng.choices(case.present, weights=[t.anchor_weight for t in case.present])[0]
+            voxels = np.flatnonzero(case.mask(anchor))
+            voxel = np.unravel_index(voxels[self.rng.randrange(len(voxels))], case.image.shape)
+            centre = [a + self.rng.randint(-r // 4, r // 4) for a, r in zip(voxel, self.roi)]
         else:
             centre = [self.rng.randrange(n) for n in case.image.shape]
         labels = crop(case.labels, centre, self.roi)
@@ -117,7 +124,10 @@ class CropSampler:
         present = [t for t in case.present if in_crop.intersection(t.values)]
         absent = sorted((t for t in self.vocabulary[group] if t not in present), key=lambda t: t.name)
         targets: list[Target] = []
-        unused_present, unused_absent = [], []
+        unused_present, unused_absent = self.rng.sample(present, len(present)), []
+        if anchor is not None:  # the crop's anchor is the first present structure asked
+            unused_present.remove(anchor)
+            unused_present.append(anchor)
         for _ in range(self.prompts_per_crop):
             # Distinct structures first; a list is refilled (other phrasings) once all of it has been asked.
             unused_present = unused_present or self.rng.sample(present, len(present))
