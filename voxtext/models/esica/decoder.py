@@ -68,7 +68,7 @@ class SkipUpBlock(nn.Module):
     def forward(self, x: torch.Tensor, skip_term: torch.Tensor) -> torch.Tensor:
         up = self.up_conv(x)
         fused = F.conv3d(up, self.conv[0].weight[:, : self.dim], padding=1) + skip_term
-        return self.conv[2](self.conv[1](fused)) + up
+        return self.conv[1:](fused) + up  # norm and activation of the fusing conv
 
 
 class ImageDecoder(nn.Module):
