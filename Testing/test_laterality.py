@@ -59,9 +59,25 @@ def test_logits_of_the_wrong_side_are_suppressed_when_the_body_is_in_view():
     assert (logits[2] > 0).sum() == 2 * 4 * 4 * 4
 
 
-def test_no_change_when_the_body_leaves_the_field_of_view():
+def test_no_change_when_the_body_leaves_the_field_of_view_on_one_side():
     prepared = prepare(body_volume(slice(0, 30)), PreprocessConfig(target_spacing=2.0))
     assert body_midline(prepared) is None
     logits = np.full((1, *prepared.image.shape), 5.0, np.float32)
     apply_laterality(logits, ["left kidney"], prepared, threshold_logit=0.0)
     assert (logits > 0).all()
+
+
+def test_a_body_cut_off_on_both_sides_is_centred_in_the_field_of_view():
+    # Wider than the reconstructed field on both sides: the seen part's centre, here nearer the right edge.
+    array = np.full((40, 12, 12), -1000.0, np.float32)
+    array[:, 2:10, 2:10] = 40.0
+    array[30:, 2:6, 2:10] = -1000.0  # less body seen on the patient's left
+    prepared = prepare(Volume(array, np.diag([-2.0, -2.0, 2.0, 1.0]), "CT"), PreprocessConfig(target_spacing=2.0))
+    assert prepared.geometry.crop[2] == (0, prepared.geometry.resampled_shape[2])
+    midline = body_midline(prepared)
+    assert midline is not None and midline < (prepared.image.shape[2] - 1) / 2 - 1
+    nx = prepared.image.shape[2]
+    logits = np.full((1, *prepared.image.shape), -5.0, np.float32)
+    logits[0, 2:6, 2:6, 1:5] = 5.0  # patient's right
+    apply_laterality(logits, ["left kidney"], prepared, threshold_logit=0.0)
+    assert (logits < 0).all()

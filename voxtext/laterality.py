@@ -4,8 +4,9 @@ A small text encoder barely separates "left kidney" from "right kidney", and a s
 often sees one kidney without the context that tells which one it is. The model grid is in
 patient LPS order (``x`` index towards the patient's left), so once the body's midline is known,
 connected components of a sided prompt's mask lying clearly on the other side can be removed.
-The midline is only trusted when the whole body cross-section is in the field of view
-(the foreground does not touch the left or right edge of the volume); otherwise nothing changes.
+The midline is the centre of the body's cross-section. It is trusted when the whole cross-section is
+in the field of view, and when the body is cut off on both sides (a patient wider than the reconstructed
+field, which is centred on them); when it is cut off on one side only, nothing changes.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ def prompt_side(prompt: str) -> Side | None:
 
 
 def body_midline(prepared: PreparedVolume) -> float | None:
-    """``x`` index (model grid) of the body's midline, or ``None`` if the body leaves the field of view laterally."""
+    """``x`` index (model grid) of the body's midline, or ``None`` if the body leaves the field of view on one
+    side only (its centre is then unknown)."""
     x_start, x_stop = prepared.geometry.crop[2]
-    if x_start == 0 or x_stop == prepared.geometry.resampled_shape[2]:
+    if (x_start == 0) != (x_stop == prepared.geometry.resampled_shape[2]):
         return None
     columns = (prepared.image > 0).sum(axis=(0, 1)).astype(float)
     return float((columns * np.arange(columns.size)).sum() / columns.sum())
