@@ -79,5 +79,6 @@ def test_a_body_cut_off_on_both_sides_is_centred_in_the_field_of_view():
     nx = prepared.image.shape[2]
     logits = np.full((1, *prepared.image.shape), -5.0, np.float32)
     logits[0, 2:6, 2:6, 1:5] = 5.0  # patient's right
+    logits[0, 2:6, 2:6, nx - 5 : nx - 1] = 5.0  # patient's left
     apply_laterality(logits, ["left kidney"], prepared, threshold_logit=0.0)
-    assert (logits < 0).all()
+    assert (logits[0, ..., : nx // 2] < 0).all() and (logits[0, 2:6, 2:6, nx - 5 : nx - 1] > 0).all()
