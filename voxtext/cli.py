@@ -88,8 +88,9 @@ def _reporter(args: argparse.Namespace):
     from .report import Reporter
 
     if args.model == "default":
-        print("Using the embedded default VLM (voxtext/weights/vlm-default, trained on phantoms only); "
-              "pass --model med3dvlm for the published Med3DVLM.", file=sys.stderr)
+        print("Using the embedded default VLM (voxtext/weights/vlm-default), a demonstration model trained on "
+              "phantoms: its reports and answers do not follow the findings in the image (see its model card). "
+              "Pass --model med3dvlm for the published Med3DVLM.", file=sys.stderr)
     if args.server:
         from .server.client import RemoteReporter
 
