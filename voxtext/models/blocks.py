@@ -32,7 +32,7 @@ class RMSNorm3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One reduction and one full-size product (the per-channel factor is small): on CPU this halves the
         # norm's cost against squaring, dividing and scaling the whole map.
-        rms = torch.linalg.vector_norm(x, dim=(2, 3, 4), keepdim=True) / math.sqrt(x[0, 0].numel())
+        rms = torch.linalg.vector_norm(x, dim=(2, 3, 4), keepdim=True) / math.sqrt(math.prod(x.shape[2:]))
         return x * (self.scale.view(1, -1, 1, 1, 1) / (rms + self.eps))
 
 
