@@ -18,7 +18,15 @@ from voxtext.evaluation.metrics import dice
 from voxtext.models.esica import ESICAConfig
 from voxtext.models.esica.text import load_tokenizer
 from voxtext.training.cases import CropSampler, Target, TrainingCase, batch_stream, crop
-from voxtext.training.seg_trainer import SegTrainer, StageConfig, TrainConfig, dice_focal_loss, warmup_cosine
+from voxtext.training.seg_trainer import (
+    SegLoss,
+    SegTrainer,
+    StageConfig,
+    TrainConfig,
+    dice_focal_loss,
+    foreground_bce,
+    warmup_cosine,
+)
 from voxtext.training.train_seg import folder_cases, read_prompts
 
 TEXT = "sentence-transformers/all-MiniLM-L6-v2"
@@ -82,6 +90,25 @@ def test_dice_per_prompt_weighs_small_structures_and_penalises_false_positives_o
     assert loss.dice(silent, empty) < 0.05 < loss.dice(spots, empty) < loss.dice(blob, empty) - 0.05
     saturated = dice_focal_loss(StageConfig("s", 1, dice_smooth=1e-5)).dice
     assert saturated(blob, empty) - saturated(spots, empty) < 0.01
+
+
+def test_foreground_term_pulls_a_missed_small_structure_as_hard_as_a_large_one():
+    large, small = torch.zeros(1, 1, 16, 16, 16), torch.zeros(1, 1, 16, 16, 16)
+    large[..., :12, :, :] = 1
+    small[..., 7:9, 7:9, 7:9] = 1
+    missed = torch.full((1, 1, 16, 16, 16), -20.0)  # a saturated "always empty" answer
+    # Per prompt, each missed foreground voxel costs its BCE (about 20 here) whatever the structure's size ...
+    assert foreground_bce(missed, small).item() == pytest.approx(20.0, abs=1e-3)
+    assert foreground_bce(missed, large).item() == pytest.approx(20.0, abs=1e-3)
+    # ... while the focal mean over the crop hardly notices 8 missed voxels out of 4096.
+    plain = dice_focal_loss(StageConfig("s", 1))
+    assert plain.focal(missed, small).item() < 0.05 * foreground_bce(missed, small).item()
+    # Empty targets (absent structures) add nothing; the stage weight scales the term.
+    found = torch.where(small > 0, 8.0, -8.0)
+    assert foreground_bce(found, small).item() < 1e-3
+    assert foreground_bce(missed, torch.zeros_like(small)).item() == 0.0
+    weighted = SegLoss(StageConfig("s", 1, foreground_weight=0.5))
+    assert weighted(missed, small) - SegLoss(StageConfig("s", 1))(missed, small) == pytest.approx(10.0, abs=1e-2)
 
 
 def test_sampler_labels_match_prompts_and_absent_prompts_are_empty():

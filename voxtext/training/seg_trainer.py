@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceFocalLoss
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -49,6 +50,10 @@ class StageConfig:
     # Smoothing of the Dice ratio, in voxels. With one voxel the Dice of an empty target (an absent
     # structure) is 1 - 1 / (1 + predicted volume) and teaches; with MONAI's 1e-5 it saturates at 1.
     dice_smooth: float = 1.0
+    # Weight of a BCE averaged over each prompt's own foreground voxels. In DiceFocal a 100-voxel lesion's
+    # voxels weigh 100 / (prompts x crop voxels) of the focal mean and its Dice gradient vanishes once the
+    # sigmoid saturates, so a rare small target can settle on "always empty"; this term keeps it pulled.
+    foreground_weight: float = 0.0
 
 
 @dataclass
@@ -80,6 +85,32 @@ def dice_focal_loss(stage: StageConfig) -> DiceFocalLoss:
     """The stage's DiceFocal loss on logits (Dice per prompt or over the batch, focal per voxel)."""
     return DiceFocalLoss(sigmoid=True, batch=stage.batch_dice, smooth_nr=stage.dice_smooth,
                          smooth_dr=stage.dice_smooth, lambda_dice=1.0, lambda_focal=1.0)
+
+
+def foreground_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE over each prompt's foreground voxels, averaged per prompt (prompts with an empty target skipped)."""
+    dims = tuple(range(1, logits.ndim))
+    count = target.sum(dims)
+    has = count > 0
+    if not has.any():
+        return logits.sum() * 0.0
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return ((bce * target).sum(dims)[has] / count[has]).mean()
+
+
+class SegLoss(torch.nn.Module):
+    """A stage's training loss: DiceFocal plus ``foreground_weight`` x :func:`foreground_bce`."""
+
+    def __init__(self, stage: StageConfig) -> None:
+        super().__init__()
+        self.dice_focal = dice_focal_loss(stage)
+        self.foreground_weight = stage.foreground_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.dice_focal(logits, target)
+        if self.foreground_weight:
+            loss = loss + self.foreground_weight * foreground_bce(logits, target)
+        return loss
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -170,7 +201,7 @@ class SegTrainer:
             self.device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
             enabled=cfg.amp != "no" and self.device.type == "cuda",
         )
-        loss_fn = dice_focal_loss(stage)
+        loss_fn = SegLoss(stage)
         batches = self.data(stage, self.dist.rank, self.dist.world_size)
         model.train()
         bar = tqdm(range(start, stage.steps), desc=stage.name, disable=not self.dist.is_main, initial=start,
