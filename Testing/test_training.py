@@ -248,9 +248,11 @@ def test_ddp_with_two_gloo_processes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                "-m", "voxtext", "train-seg", "--data", str(tmp_path / "data"), "--model-config",
                str(tmp_path / "tiny.json"), "--out", str(out), "--steps", "4", "2", "--batch-size", "2",
-               "--save-every", "100"]
+               "--save-every", "100", "--foreground-weight", "0.5"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((out / "train_config.json").read_text())["extra"]["world_size"] == 2
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["extra"]["world_size"] == 2
+    assert [stage["foreground_weight"] for stage in saved["stages"]] == [0.5, 0.5]
     assert (out / "final" / "model.safetensors").exists()
     assert len((out / "metrics.csv").read_text().splitlines()) > 1

@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="structures asked of each crop (the crop is encoded once for all of them)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--absent-prompt-prob", type=float, default=0.25, help="stage-2 prompts of absent targets")
+    p.add_argument("--foreground-weight", type=float, default=0.0,
+                   help="weight of a BCE over each prompt's own foreground, added to DiceFocal in both stages: "
+                        "keeps small rare targets from settling on 'empty', at the price of false positives "
+                        "(see the esica-default model card)")
     p.add_argument("--amp", default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=42)
@@ -114,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("no training data: pass --data FOLDER and/or --phantoms N")
         config = TrainConfig(
             args.out,
-            [StageConfig("pretrain", args.steps[0], lr=args.lr[0], pos_ratio=1.0),
+            [StageConfig("pretrain", args.steps[0], lr=args.lr[0], pos_ratio=1.0,
+                         foreground_weight=args.foreground_weight),
              StageConfig("finetune", args.steps[1], lr=args.lr[1], pos_ratio=0.5,
-                         absent_prompt_prob=args.absent_prompt_prob, freeze_text_encoder=True)],
+                         absent_prompt_prob=args.absent_prompt_prob, freeze_text_encoder=True,
+                         foreground_weight=args.foreground_weight)],
             batch_size=args.batch_size, prompts_per_crop=args.prompts_per_crop, grad_accum=args.grad_accum,
             amp=args.amp, save_every=args.save_every, seed=args.seed,
             extra={"world_size": dist.world_size, "data": args.data, "phantoms": args.phantoms},
