@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import load_esica
+from .checkpoints import load_esica, resolve_model
 from .errors import InputError
 from .inference import ESICAInferer, Precision, ProgressCallback, WindowConfig, resolve_device
 from .laterality import apply_laterality
+from .lesions import LesionStage
 from .postprocess import OverlapPolicy, OverlapResolver, clean_mask
 from .preprocess import PreprocessConfig, prepare, restore
 from .segmentation import Segmentation
@@ -89,12 +90,6 @@ def _roi_slices(roi: Sequence[Sequence[int]], shape: tuple[int, ...]) -> tuple[s
     return tuple(slices)
 
 
-def _crop(volume: Volume, slices: tuple[slice, ...]) -> Volume:
-    affine = volume.affine.copy()
-    affine[:3, 3] = volume.affine[:3, :3] @ [s.start for s in slices] + volume.affine[:3, 3]
-    return Volume(volume.array[slices], affine, volume.modality)
-
-
 class Segmenter:
     """A loaded ESICA model ready to segment volumes from text prompts.
 
@@ -110,8 +105,10 @@ class Segmenter:
     ) -> None:
         self.device = resolve_device(device)
         self.model_name = str(model)
-        network, tokenizer = load_esica(model, device=self.device, download=download)
+        folder = resolve_model(model, download=download)
+        network, tokenizer = load_esica(folder, device=self.device)
         self.inferer = ESICAInferer(network, tokenizer, self.device, precision)
+        self.lesion_stage = LesionStage.of(folder, self.device, precision)
 
     def segment(
         self,
@@ -127,12 +124,17 @@ class Segmenter:
         fill_holes: bool = False,
         overlap_policy: OverlapPolicy = "independent",
         laterality: bool = True,
+        lesion_stage: bool = True,
         modality: str | None = None,
         return_probabilities: bool = False,
         progress: bool | ProgressCallback = False,
         cancel: threading.Event | None = None,
     ) -> Segmentation:
-        """Segment every prompt in ``volume``; masks come back on exactly the input grid."""
+        """Segment every prompt in ``volume``; masks come back on exactly the input grid.
+
+        With ``lesion_stage`` (and a model that has one, as the embedded default), lesion prompts are answered
+        by its finer-grid lesion model inside the organ the main model finds (:mod:`voxtext.lesions`).
+        """
         prompts = normalize_prompts(prompts)
         if quality not in QUALITY_PRESETS:
             raise InputError(f"quality must be one of {sorted(QUALITY_PRESETS)}, got {quality!r}")
@@ -141,7 +143,7 @@ class Segmenter:
         preset = QUALITY_PRESETS[quality]
         volume = as_volume(volume, modality)
         slices = _roi_slices(roi, volume.shape) if roi is not None else tuple(slice(0, s) for s in volume.shape)
-        region = _crop(volume, slices) if roi is not None else volume
+        region = volume.crop(slices) if roi is not None else volume
 
         spacing = max(preset.min_spacing_mm, self.inferer.model.config.target_spacing)
         prepared = prepare(region, PreprocessConfig(target_spacing=spacing, modality=modality))
@@ -150,23 +152,44 @@ class Segmenter:
             overlap=preset.overlap if overlap is None else overlap,
             pass_num=preset.pass_num if pass_num is None else pass_num,
         )
-        text = self.inferer.embed_prompts(prompts)
-        with progress_callback(progress) as report:
-            logits = self.inferer.logits(torch.from_numpy(prepared.image), text, windows, report, cancel).float().cpu()
-        if laterality:
-            apply_laterality(logits.numpy(), prompts, prepared, math.log(threshold / (1.0 - threshold)))
-
+        routes = self.lesion_stage.routing.route(prompts, self.inferer.embed_prompts) if (
+            lesion_stage and self.lesion_stage) else {}
+        # The main model answers the other prompts and segments the organs the routed lesions lie in.
+        organs = list(dict.fromkeys(o for target in routes.values() for o in target.within))
+        asked = [p for p in prompts if p not in routes] + [o for o in organs if o not in prompts]
         resolver = OverlapResolver(overlap_policy, threshold, region.shape, len(prompts))
         probabilities = np.zeros((len(prompts), *volume.shape), np.float32) if return_probabilities else None
-        for i in range(len(prompts)):
-            prob = restore(prepared, torch.sigmoid(logits[i]), "linear").astype(np.float32, copy=False)
+
+        def answer(prompt: str, prob: np.ndarray) -> None:
+            i = prompts.index(prompt)
             resolver.add(i, prob)
             if probabilities is not None:
                 probabilities[(i, *slices)] = prob
+
+        text = self.inferer.embed_prompts(asked)
+        with progress_callback(progress) as report:
+            logits = self.inferer.logits(torch.from_numpy(prepared.image), text, windows, report, cancel).float().cpu()
+        if laterality:
+            apply_laterality(logits.numpy(), asked, prepared, math.log(threshold / (1.0 - threshold)))
+        organ_masks = {}
+        for i, prompt in enumerate(asked):
+            prob = restore(prepared, torch.sigmoid(logits[i]), "linear").astype(np.float32, copy=False)
+            if prompt in organs:
+                organ_masks[prompt] = prob > threshold
+            if prompt in prompts and prompt not in routes:
+                answer(prompt, prob)
+        for within in dict.fromkeys(target.within for target in routes.values()):
+            group = [p for p, target in routes.items() if target.within == within]
+            organ = np.logical_or.reduce([organ_masks[o] for o in within])
+            for prompt, prob in zip(group, self.lesion_stage.probabilities(
+                    region, group, organ, prepared.modality, windows, cancel)):
+                answer(prompt, prob)
+
         masks = np.zeros((len(prompts), *volume.shape), dtype=bool)
         for i, mask in enumerate(resolver.finish()):
             masks[(i, *slices)] = clean_mask(mask, keep_largest, fill_holes)
-        return Segmentation(masks, prompts, volume.affine, probabilities, model=self.model_name)
+        within = {p: list(target.within) for p, target in routes.items()}
+        return Segmentation(masks, prompts, volume.affine, probabilities, model=self.model_name, lesion_stage=within)
 
 
 def available_memory_bytes() -> int:

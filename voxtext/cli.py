@@ -49,13 +49,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
         fill_holes=args.fill_holes,
         overlap_policy="argmax" if args.argmax else "independent",
         laterality=not args.no_laterality,
+        lesion_stage=not args.no_lesion_stage,
         modality=args.modality,
         progress=not args.quiet,
     )
     nifti_path.parent.mkdir(parents=True, exist_ok=True)
     written = result.save_nifti(nifti_path) + [result.save_seg_nrrd(nrrd_path)]
     for prompt, ml in result.volumes_ml().items():
-        print(f"{prompt}: {ml:.1f} mL")
+        within = result.lesion_stage.get(prompt)
+        print(f"{prompt}: {ml:.1f} mL" + (f" (lesion stage, within {' / '.join(within)})" if within else ""))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--argmax", action="store_true", help="disjoint masks: each voxel to the most likely prompt")
     seg.add_argument("--no-laterality", action="store_true",
                      help="keep mask parts on the other side of the body for 'left ...'/'right ...' prompts")
+    seg.add_argument("--no-lesion-stage", action="store_true",
+                     help="answer lesion prompts with the main model too, not the model's finer-grid lesion stage")
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     seg.add_argument("--server", default=None, help="segment on a 'voxtext serve' server at this URL")

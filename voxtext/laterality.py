@@ -31,11 +31,13 @@ def prompt_side(prompt: str) -> Side | None:
 
 def body_midline(prepared: PreparedVolume) -> float | None:
     """``x`` index (model grid) of the body's midline, or ``None`` if the body leaves the field of view on one
-    side only (its centre is then unknown)."""
+    side only (its centre is then unknown) or there is no body."""
     x_start, x_stop = prepared.geometry.crop[2]
     if (x_start == 0) != (x_stop == prepared.geometry.resampled_shape[2]):
         return None
     columns = (prepared.image > 0).sum(axis=(0, 1)).astype(float)
+    if not columns.any():  # no body at all
+        return None
     return float((columns * np.arange(columns.size)).sum() / columns.sum())
 
 

@@ -33,6 +33,7 @@ class Segmentation:
     probabilities: np.ndarray | None = None  # float32 (P, i, j, k) when requested
     model: str = ""
     colors: list[tuple[float, float, float]] = field(default_factory=list)
+    lesion_stage: dict[str, list[str]] = field(default_factory=dict)  # prompt -> organs it was sought in
 
     def __post_init__(self) -> None:
         if self.masks.ndim != 4 or len(self.masks) != len(self.prompts):
@@ -81,7 +82,8 @@ class Segmentation:
         nib.save(nib.Nifti1Image(self.labelmap(), self.affine), str(path))
         sidecar = path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
         sidecar.write_text(json.dumps({"labels": self.label_table(), "model": self.model,
-                                       "volumes_ml": self.volumes_ml()}, indent=2))
+                                       "volumes_ml": self.volumes_ml(),
+                                       "lesion_stage": self.lesion_stage}, indent=2))
         return [path, sidecar]
 
     def save_seg_nrrd(self, path: Path) -> Path:

@@ -177,6 +177,12 @@ class Volume:
             raise InputError(f"new array shape {np.shape(array)} differs from the volume's {self.shape}")
         return Volume(array, self.affine, self.modality)
 
+    def crop(self, box: tuple[slice, slice, slice]) -> Volume:
+        """The sub-volume ``array[box]`` (slices with non-negative starts), in place in the same world space."""
+        affine = self.affine.copy()
+        affine[:3, 3] = self.affine[:3, :3] @ [s.start or 0 for s in box] + self.affine[:3, 3]
+        return Volume(self.array[box], affine, self.modality)
+
 
 def _suffix(path: Path) -> str:
     name = path.name.lower()

@@ -39,6 +39,7 @@ class SegmentOptions(BaseModel):
     fill_holes: bool = False
     overlap_policy: Literal["independent", "argmax"] = "independent"
     laterality: bool = True
+    lesion_stage: bool = Field(True, description="lesion prompts to the model's lesion stage, when it has one")
     modality: Literal["CT", "MR", "PET", "US"] | None = None
 
     def parsed_roi(self) -> list[list[int]] | None:
@@ -82,7 +83,7 @@ def _run(data: bytes, options: SegmentOptions, max_bytes: int) -> Callable[[Segm
             volume, options.prompts, quality=options.quality, threshold=options.threshold, overlap=options.overlap,
             pass_num=options.pass_num, roi=options.parsed_roi(), keep_largest=options.keep_largest,
             fill_holes=options.fill_holes, overlap_policy=options.overlap_policy, laterality=options.laterality,
-            modality=options.modality, progress=progress, cancel=cancel,
+            lesion_stage=options.lesion_stage, modality=options.modality, progress=progress, cancel=cancel,
         )
         labels, layer_of = label_layers(result)
         counts = result.masks.reshape(len(result.prompts), -1).sum(1)

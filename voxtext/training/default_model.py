@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import build_esica, load_esica
-from ..models.esica import ESICAConfig
+from ..models.esica import ESICA, ESICAConfig
 from ..models.esica.text import load_tokenizer
 from ..phantom import LABELS, TARGETS, PhantomCase, generate_phantom
 from ..preprocess import PreprocessConfig, prepare_with_labels
@@ -185,7 +185,7 @@ def recipe(output_dir: str, steps: tuple[int, int, int] = RECIPE_STEPS) -> Train
 
     Each step: 2 crops, each asked for 4 structures (an encoded crop is shared by its prompts).
     """
-    return TrainConfig(
+    return cpu_config(
         output_dir,
         [
             StageConfig("pretrain", steps[0], lr=1e-3, weight_decay=1e-5, pos_ratio=1.0, absent_prompt_prob=0.0),
@@ -194,12 +194,27 @@ def recipe(output_dir: str, steps: tuple[int, int, int] = RECIPE_STEPS) -> Train
             StageConfig("contrastive", steps[2], lr=3e-4, weight_decay=1e-6, pos_ratio=0.7, absent_prompt_prob=0.3,
                         freeze_text_encoder=True),
         ],
-        batch_size=2,
-        prompts_per_crop=4,
-        log_every=20,
-        save_every=200,
         seed=42,
     )
+
+
+def cpu_config(output_dir: str, stages: list[StageConfig], seed: int) -> TrainConfig:
+    """The embedded models' steps: 2 crops, each asked for 4 structures (a crop is encoded once for its prompts)."""
+    return TrainConfig(output_dir, stages, batch_size=2, prompts_per_crop=4, log_every=20, save_every=200, seed=seed)
+
+
+def fit_on_cases(model: ESICA, cases: list[TrainingCase], config: TrainConfig,
+                 group_weights: dict[str, float] | None = None) -> Path:
+    """Run ``config``'s stages on crops of ``cases`` (a sampler a stage, seeded by the stage and the rank)."""
+    tokenizer = load_tokenizer(model.config.text_model)
+
+    def data(stage: StageConfig, rank: int, world: int):
+        sampler = CropSampler(cases, model.config.image_size, stage.pos_ratio, stage.absent_prompt_prob,
+                              group_weights, seed=config.seed + 1000 * rank + len(stage.name),
+                              prompts_per_crop=config.prompts_per_crop)
+        return batch_stream(sampler, tokenizer, config.batch_size)
+
+    return SegTrainer(model, config, data).fit()
 
 
 def train(output_dir: str, steps: tuple[int, int, int], threads: int, init_from: str | None = None) -> Path:
@@ -207,17 +222,8 @@ def train(output_dir: str, steps: tuple[int, int, int], threads: int, init_from:
     torch.set_num_threads(threads)
     seed_everything(42)
     cases = training_cases()
-    tokenizer = load_tokenizer(DEFAULT_CONFIG.text_model)
-    config = recipe(output_dir, steps)
-
-    def data(stage: StageConfig, rank: int, world: int):
-        sampler = CropSampler(cases, DEFAULT_CONFIG.image_size, stage.pos_ratio, stage.absent_prompt_prob,
-                              GROUP_WEIGHTS, seed=config.seed + 1000 * rank + len(stage.name),
-                              prompts_per_crop=config.prompts_per_crop)
-        return batch_stream(sampler, tokenizer, config.batch_size)
-
     model = load_esica(init_from, tokenizer=False)[0] if init_from else build_esica(DEFAULT_CONFIG)
-    return SegTrainer(model, config, data).fit()
+    return fit_on_cases(model, cases, recipe(output_dir, steps), GROUP_WEIGHTS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,128 @@
+"""The lesion stage of a segmentation model: lesion prompts answered by a finer-grid model inside their organ.
+
+A model folder may hold a ``lesions/`` sub-folder: a second ESICA checkpoint (``config.json`` +
+``model.safetensors``) on a finer grid, and ``routing.json``, which lists the lesions it answers (their
+phrasings and the organs they lie in) and the phrasings the main model answers itself. A prompt goes to the
+lesion stage when the nearest of all these phrasings (cosine of the main model's text embeddings) is a
+lesion's, so paraphrases ("hepatic mass") are routed as well as the listed names. The main model segments
+the lesion's organ(s); the lesion model is run on the organ's bounding box (plus a margin) at its own grid, on an image blanked
+beyond a few millimetres around the organ mask (dilated: the main model's organ edges are coarse), and its
+answer is kept within the same distance of the organ.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .checkpoints import load_esica
+from .errors import CheckpointError
+from .inference import ESICAInferer, Precision, WindowConfig
+from .preprocess import PreprocessConfig, prepare, restore, to_model_grid
+from .volume import Volume
+
+ROUTING_FILE = "routing.json"
+LESION_FOLDER = "lesions"
+ORGAN_MARGIN_MM = 20.0  # context around the organ's bounding box given to the lesion model
+ORGAN_DILATION_MM = 6.0  # how far outside the main model's organ mask a lesion may reach
+
+
+@dataclass(frozen=True)
+class LesionTarget:
+    """A lesion the lesion stage answers: its phrasings and the organ(s) it lies in."""
+
+    phrasings: tuple[str, ...]
+    within: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"phrasings": list(self.phrasings), "within": list(self.within)}
+
+
+@dataclass(frozen=True)
+class LesionRouting:
+    """Which prompts the lesion stage answers (see the module docstring)."""
+
+    lesions: tuple[LesionTarget, ...]
+    other_phrasings: tuple[str, ...]
+
+    @classmethod
+    def load(cls, path: Path) -> LesionRouting:
+        try:
+            data = json.loads(path.read_text())
+            lesions = tuple(LesionTarget(tuple(t["phrasings"]), tuple(t["within"])) for t in data["lesions"])
+            other = tuple(data["other_phrasings"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"unreadable lesion routing file {path}: {error}") from error
+        if not lesions or any(not t.phrasings or not t.within for t in lesions):
+            raise CheckpointError(f"{path} lists no lesions, or a lesion without phrasings or organs")
+        return cls(lesions, other)
+
+    def route(self, prompts: Sequence[str], embed: Callable[[list[str]], torch.Tensor]) -> dict[str, LesionTarget]:
+        """The prompts the lesion stage answers, each with its lesion target."""
+        owners = [t for t in self.lesions for _ in t.phrasings] + [None] * len(self.other_phrasings)
+        known = [p for t in self.lesions for p in t.phrasings] + list(self.other_phrasings)
+        vectors = torch.nn.functional.normalize(embed(list(prompts) + known).float(), dim=1)
+        nearest = (vectors[: len(prompts)] @ vectors[len(prompts) :].T).argmax(1).tolist()
+        return {p: owners[n] for p, n in zip(prompts, nearest) if owners[n] is not None}
+
+
+class LesionStage:
+    """A finer-grid ESICA model asked for lesions inside organ masks found by the main model."""
+
+    def __init__(self, folder: Path, device: torch.device, precision: Precision = "fp32") -> None:
+        network, tokenizer = load_esica(folder, device=device, download=False)
+        self.inferer = ESICAInferer(network, tokenizer, device, precision)
+        self.routing = LesionRouting.load(folder / ROUTING_FILE)
+
+    @classmethod
+    def of(cls, model_folder: Path, device: torch.device, precision: Precision = "fp32") -> LesionStage | None:
+        """The lesion stage stored with a model, if it has one."""
+        folder = model_folder / LESION_FOLDER
+        return cls(folder, device, precision) if folder.is_dir() else None
+
+    @property
+    def spacing_mm(self) -> float:
+        return self.inferer.model.config.target_spacing
+
+    def probabilities(
+        self,
+        volume: Volume,
+        prompts: Sequence[str],
+        organ: np.ndarray,
+        modality: str,
+        windows: WindowConfig,
+        cancel: threading.Event | None = None,
+    ) -> np.ndarray:
+        """Probabilities (P, i, j, k) of lesion ``prompts`` that all lie in ``organ`` (bool, the volume's grid);
+        zero outside the (slightly dilated) organ. ``modality``: as the main model prepared the volume."""
+        out = np.zeros((len(prompts), *volume.shape), np.float32)
+        if not organ.any():
+            return out
+        spacing = np.asarray(volume.spacing)
+        margin = np.ceil(ORGAN_MARGIN_MM / spacing).astype(int)
+        lo = np.maximum(np.argwhere(organ).min(0) - margin, 0)
+        hi = np.minimum(np.argwhere(organ).max(0) + margin + 1, volume.shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        prepared = prepare(volume.crop(box), PreprocessConfig(target_spacing=self.spacing_mm, modality=modality))
+        organ_grid = to_model_grid(prepared.geometry, organ[box], "nearest")
+        image = organ_surroundings(prepared.image, organ_grid, self.spacing_mm, ORGAN_DILATION_MM)
+        text = self.inferer.embed_prompts(prompts)
+        logits = self.inferer.logits(torch.from_numpy(image), text, windows, cancel=cancel).float().cpu()
+        inside = ndimage.distance_transform_edt(~organ[box], sampling=spacing) <= ORGAN_DILATION_MM
+        for i in range(len(prompts)):
+            out[(i, *box)] = restore(prepared, torch.sigmoid(logits[i]), "linear") * inside
+        return out
+
+
+def organ_surroundings(image: np.ndarray, organ: np.ndarray, spacing_mm: float, dilation_mm: float) -> np.ndarray:
+    """A prepared image (values 0..1, isotropic ``spacing_mm``) blanked to 0 further than ``dilation_mm`` from
+    ``organ``: the lesion model sees the organ and a thin rim, not the neighbours that look like lesions."""
+    near = ndimage.distance_transform_edt(~organ) * spacing_mm <= dilation_mm
+    return np.where(near, image, 0.0).astype(np.float32)
