@@ -31,6 +31,8 @@ LESION_CONFIG = replace(DEFAULT_CONFIG, target_spacing=LESION_SPACING_MM)
 # Organ regions are cut out with this margin, as at inference (``voxtext.lesions.ORGAN_MARGIN_MM``).
 REGION_MARGIN_MM = 20.0
 RECIPE_STEPS = (700, 800, 500)
+# Stages: name, lr, weight decay, share of crops on a lesion, share of absent prompts (the text encoder is frozen).
+STAGES = (("pretrain", 1e-3, 1e-5, 1.0, 0.0), ("balanced", 3e-4, 1e-6, 0.6, 0.3), ("negatives", 1e-4, 1e-6, 0.7, 0.6))
 
 
 def parent_organs(values: tuple[int, ...]) -> tuple[str, ...]:
@@ -66,17 +68,10 @@ def recipe(output_dir: str, steps: tuple[int, int, int] = RECIPE_STEPS) -> Train
     in the organ regions and absent lesions asked (the lesion stage answers inside organs that usually hold none);
     stage 3: absent lesions asked more often, at a low rate, against false alarms. Absent prompts from the start
     make the model answer every lesion "empty" (measured, see the model card)."""
-    return cpu_config(
-        output_dir,
-        [
-            StageConfig("pretrain", steps[0], lr=1e-3, weight_decay=1e-5, pos_ratio=1.0, absent_prompt_prob=0.0),
-            StageConfig("balanced", steps[1], lr=3e-4, weight_decay=1e-6, pos_ratio=0.6, absent_prompt_prob=0.3,
-                        freeze_text_encoder=True),
-            StageConfig("negatives", steps[2], lr=1e-4, weight_decay=1e-6, pos_ratio=0.7, absent_prompt_prob=0.6,
-                        freeze_text_encoder=True),
-        ],
-        seed=7,
-    )
+    stages = [StageConfig(name, n, lr=lr, weight_decay=decay, pos_ratio=pos, absent_prompt_prob=absent,
+                          freeze_text_encoder=name != "pretrain")
+              for (name, lr, decay, pos, absent), n in zip(STAGES, steps)]
+    return cpu_config(output_dir, stages, seed=7)
 
 
 def train(output_dir: str, steps: tuple[int, int, int], threads: int, workers: int = 2) -> Path:
