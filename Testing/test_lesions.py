@@ -14,12 +14,13 @@ from voxtext import Segmenter, Volume
 from voxtext.cli import main
 from voxtext.checkpoints import PACKAGE_WEIGHTS
 from voxtext.errors import CheckpointError
-from voxtext.lesions import LESION_FOLDER, ORGAN_DILATION_MM, ROUTING_FILE
+from voxtext.lesions import LESION_FOLDER, ORGAN_DILATION_MM, ROUTING_FILE, LesionRouting, LesionTarget, keep_confident
 from voxtext.preprocess import PreprocessConfig, prepare_with_labels
 from voxtext.training.default_model import acquired_phantom
-from voxtext.training.lesion_model import LESION_SPACING_MM, LESION_VALUES, ORGAN_TARGETS, lesion_case
+from voxtext.training.lesion_model import (LESION_SPACING_MM, LESION_VALUES, ORGAN_TARGETS, best_rule, lesion_case,
+                                           rule_score)
 
-# A held-out phantom (training uses seeds 0-159) with a liver cyst, a liver tumour and a kidney stone.
+# A held-out phantom (training uses seeds 0-159) with a liver cyst and a one-voxel kidney stone.
 SEED = 10_001
 
 
@@ -101,3 +102,38 @@ def test_cli_says_which_prompts_the_lesion_stage_answered(tmp_path, capsys):
     assert re.search(r"^spleen: [0-9.]+ mL$", printed, re.MULTILINE)
     sidecar = json.loads((tmp_path / "seg.json").read_text())
     assert sidecar["lesion_stage"] == {"hepatic cyst": ["liver"]}
+
+
+def test_components_below_the_calibrated_volume_or_confidence_are_dropped():
+    probability = np.zeros((20, 20, 20), np.float32)
+    probability[2:8, 2:8, 2:8] = 0.95  # 216 voxels, confident
+    probability[12:14, 12:14, 12:14] = 0.95  # 8 voxels, confident
+    probability[12:18, 2:8, 2:8] = 0.6  # 216 voxels, hesitant
+    target = LesionTarget(("liver cyst",), ("liver",), min_volume_ml=0.1, min_confidence=0.7)
+    kept = keep_confident(probability, 0.5, target, voxel_ml=0.001)
+    assert kept[2:8, 2:8, 2:8].min() == pytest.approx(0.95)
+    assert not kept[12:14, 12:14, 12:14].any() and not kept[12:18, 2:8, 2:8].any()
+    assert keep_confident(probability, 0.5, LesionTarget(("liver cyst",), ("liver",)), 0.001) is probability
+
+
+def test_calibration_rule_scores_dice_plus_empty_answers_by_hand():
+    # One present lesion (2 mL; a 1.8 mL component, 1.6 mL on it, and a 0.2 mL hesitant one), one absent
+    # (a 1.5 mL hesitant false alarm).
+    rows = [{"present": True, "truth_ml": 2.0, "components": [(1.8, 0.9, 1.6), (0.2, 0.55, 0.0)]},
+            {"present": False, "truth_ml": 0.0, "components": [(1.5, 0.62, 0.0)]}]
+    assert rule_score(rows, 0.0, 0.0) == pytest.approx(2 * 1.6 / 4.0 + 0.0)
+    assert rule_score(rows, 0.0, 0.7) == pytest.approx(2 * 1.6 / 3.8 + 1.0)
+    assert rule_score(rows, 5.0, 0.0) == pytest.approx(0.0 + 1.0)
+    assert best_rule(rows) == (0.0, 0.65)  # the mildest rule that drops both hesitant components
+
+
+def test_calibrated_rule_in_the_routing_file_reaches_the_masks(tmp_path, segmenter):
+    volume, _ = acquired_phantom(SEED)
+    folder = tmp_path / "model"
+    shutil.copytree(PACKAGE_WEIGHTS / "esica-default", folder)
+    path = folder / LESION_FOLDER / ROUTING_FILE
+    routing = LesionRouting.load(path)
+    LesionRouting(tuple(LesionTarget(t.phrasings, t.within, min_volume_ml=1000.0) for t in routing.lesions),
+                  routing.other_phrasings).save(path)
+    assert segmenter.segment(volume, ["liver cyst"], quality="fast").mask("liver cyst").any()
+    assert not Segmenter(folder, device="cpu").segment(volume, ["liver cyst"], quality="fast").masks.any()

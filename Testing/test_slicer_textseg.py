@@ -117,6 +117,10 @@ def test_worker_matches_backend(core, volume_node, backend):
     selftest.check_worker_matches_backend(core, volume_node, backend)
 
 
+def test_worker_reports_the_lesion_stage(core, volume_node):
+    selftest.check_lesion_stage_reported(core, volume_node)
+
+
 def test_remote_server_option_matches_backend(core, volume_node, backend, monkeypatch):
     from voxtext.api import Segmenter
     from voxtext.server.app import ServerConfig, create_app, running
@@ -126,6 +130,7 @@ def test_remote_server_option_matches_backend(core, volume_node, backend, monkey
     slot = ModelSlot("default", "segmentation", Segmenter("default", device="cpu"), 1, 4)
     with running(create_app(ServerConfig(token="module-token"), {"default": slot})) as url:
         selftest.check_worker_matches_backend(core, volume_node, backend, replace(selftest.OPTIONS, server=url))
+        selftest.check_lesion_stage_reported(core, volume_node, replace(selftest.OPTIONS, server=url))
     with pytest.raises(ValueError, match="http"):
         SegmentOptions(server="gpu-host:8000")
     with pytest.raises(ValueError, match="this computer"):

@@ -171,13 +171,16 @@ class TextSegWidget(ScriptedLoadableModuleWidget):
             slicer.util.errorDisplay(str(error))
         else:
             self.ui.outputSegmentationSelector.setCurrentNode(result.segmentation_node)
-            self.showResult(result.volumes_ml)
+            self.showResult(result.volumes_ml, result.lesion_stage)
         self.updateButtons()
 
-    def showResult(self, volumes_ml: dict[str, float]) -> None:
+    def showResult(self, volumes_ml: dict[str, float], lesion_stage: dict[str, list[str]]) -> None:
         self.ui.resultsTable.setRowCount(len(volumes_ml))
         for row, (name, volume) in enumerate(volumes_ml.items()):
-            self.ui.resultsTable.setItem(row, 0, qt.QTableWidgetItem(name))
+            item = qt.QTableWidgetItem(name)
+            if name in lesion_stage:
+                item.setToolTip(f"Answered by the model's lesion stage, within {' and '.join(lesion_stage[name])}")
+            self.ui.resultsTable.setItem(row, 0, item)
             self.ui.resultsTable.setItem(row, 1, qt.QTableWidgetItem(f"{volume:.1f}"))
         self.showStatus("Done. Segment Statistics gives further measurements.")
 
@@ -239,6 +242,7 @@ class TextSegTest(ScriptedLoadableModuleTest):
                       selftest.check_refusals_leave_scene, selftest.check_worker_matches_backend):
             self.delayDisplay(check.__doc__.splitlines()[0])
             check(logic, volume_node, backend)
+        selftest.check_lesion_stage_reported(logic, volume_node)
         selftest.check_cancel_leaves_scene(logic, volume_node)
         selftest.check_error_in_plain_words(logic, volume_node, Path(slicer.app.temporaryPath) / "textseg-no-model")
         self.delayDisplay("TextSeg self-test passed")

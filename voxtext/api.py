@@ -182,7 +182,7 @@ class Segmenter:
             group = [p for p, target in routes.items() if target.within == within]
             organ = np.logical_or.reduce([organ_masks[o] for o in within])
             for prompt, prob in zip(group, self.lesion_stage.probabilities(
-                    region, group, organ, prepared.modality, windows, cancel)):
+                    region, group, [routes[p] for p in group], organ, prepared.modality, windows, threshold, cancel)):
                 answer(prompt, prob)
 
         masks = np.zeros((len(prompts), *volume.shape), dtype=bool)

@@ -5,9 +5,11 @@ A model folder may hold a ``lesions/`` sub-folder: a second ESICA checkpoint (``
 phrasings and the organs they lie in) and the phrasings the main model answers itself. A prompt goes to the
 lesion stage when the nearest of all these phrasings (cosine of the main model's text embeddings) is a
 lesion's, so paraphrases ("hepatic mass") are routed as well as the listed names. The main model segments
-the lesion's organ(s); the lesion model is run on the organ's bounding box (plus a margin) at its own grid, on an image blanked
-beyond a few millimetres around the organ mask (dilated: the main model's organ edges are coarse), and its
-answer is kept within the same distance of the organ.
+the lesion's organ(s); the lesion model is run on the organ's bounding box (plus a margin) at its own grid,
+on an image blanked beyond a few millimetres around the organ mask (dilated: the main model's organ edges are
+coarse), and its answer is kept within the same distance of the organ. Each lesion may carry a calibrated
+minimum volume and confidence (mean probability) of the connected components it keeps, as nnU-Net's
+post-processing: small or hesitant blobs are the usual false alarms for a lesion the organ does not hold.
 """
 
 from __future__ import annotations
@@ -40,9 +42,17 @@ class LesionTarget:
 
     phrasings: tuple[str, ...]
     within: tuple[str, ...]
+    min_volume_ml: float = 0.0  # connected components smaller than this are dropped ...
+    min_confidence: float = 0.0  # ... as are those whose mean probability is lower
 
     def to_dict(self) -> dict:
-        return {"phrasings": list(self.phrasings), "within": list(self.within)}
+        return {"phrasings": list(self.phrasings), "within": list(self.within),
+                "min_volume_ml": self.min_volume_ml, "min_confidence": self.min_confidence}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LesionTarget:
+        return cls(tuple(data["phrasings"]), tuple(data["within"]), float(data.get("min_volume_ml", 0.0)),
+                   float(data.get("min_confidence", 0.0)))
 
 
 @dataclass(frozen=True)
@@ -56,13 +66,17 @@ class LesionRouting:
     def load(cls, path: Path) -> LesionRouting:
         try:
             data = json.loads(path.read_text())
-            lesions = tuple(LesionTarget(tuple(t["phrasings"]), tuple(t["within"])) for t in data["lesions"])
+            lesions = tuple(LesionTarget.from_dict(t) for t in data["lesions"])
             other = tuple(data["other_phrasings"])
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise CheckpointError(f"unreadable lesion routing file {path}: {error}") from error
         if not lesions or any(not t.phrasings or not t.within for t in lesions):
             raise CheckpointError(f"{path} lists no lesions, or a lesion without phrasings or organs")
         return cls(lesions, other)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"lesions": [t.to_dict() for t in self.lesions],
+                                    "other_phrasings": list(self.other_phrasings)}, indent=2))
 
     def route(self, prompts: Sequence[str], embed: Callable[[list[str]], torch.Tensor]) -> dict[str, LesionTarget]:
         """The prompts the lesion stage answers, each with its lesion target."""
@@ -95,13 +109,16 @@ class LesionStage:
         self,
         volume: Volume,
         prompts: Sequence[str],
+        targets: Sequence[LesionTarget],
         organ: np.ndarray,
         modality: str,
         windows: WindowConfig,
+        threshold: float,
         cancel: threading.Event | None = None,
     ) -> np.ndarray:
-        """Probabilities (P, i, j, k) of lesion ``prompts`` that all lie in ``organ`` (bool, the volume's grid);
-        zero outside the (slightly dilated) organ. ``modality``: as the main model prepared the volume."""
+        """Probabilities (P, i, j, k) of lesion ``prompts`` (routed to ``targets``) that all lie in ``organ``
+        (bool, the volume's grid); zero outside the (slightly dilated) organ and in the components of
+        ``p > threshold`` that their target rejects. ``modality``: as the main model prepared the volume."""
         out = np.zeros((len(prompts), *volume.shape), np.float32)
         if not organ.any():
             return out
@@ -116,9 +133,29 @@ class LesionStage:
         text = self.inferer.embed_prompts(prompts)
         logits = self.inferer.logits(torch.from_numpy(image), text, windows, cancel=cancel).float().cpu()
         inside = ndimage.distance_transform_edt(~organ[box], sampling=spacing) <= ORGAN_DILATION_MM
-        for i in range(len(prompts)):
-            out[(i, *box)] = restore(prepared, torch.sigmoid(logits[i]), "linear") * inside
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        for i, target in enumerate(targets):
+            probability = restore(prepared, torch.sigmoid(logits[i]), "linear") * inside
+            out[(i, *box)] = keep_confident(probability, threshold, target, voxel_ml)
         return out
+
+
+def components(probability: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Connected components (26-neighbourhood) of ``probability > threshold``: label array, voxel counts and
+    mean probabilities of components 1..n."""
+    labels, n = ndimage.label(probability > threshold, structure=np.ones((3, 3, 3)))
+    index = np.arange(1, n + 1)
+    return labels, np.bincount(labels.ravel(), minlength=n + 1)[1:], np.asarray(
+        ndimage.mean(probability, labels, index)).reshape(n)
+
+
+def keep_confident(probability: np.ndarray, threshold: float, target: LesionTarget, voxel_ml: float) -> np.ndarray:
+    """``probability`` with the components of ``p > threshold`` that ``target`` rejects set to zero."""
+    if not (target.min_volume_ml or target.min_confidence):
+        return probability
+    labels, counts, means = components(probability, threshold)
+    rejected = 1 + np.flatnonzero((counts * voxel_ml < target.min_volume_ml) | (means < target.min_confidence))
+    return np.where(np.isin(labels, rejected), 0.0, probability).astype(probability.dtype, copy=False)
 
 
 def organ_surroundings(image: np.ndarray, organ: np.ndarray, spacing_mm: float, dilation_mm: float) -> np.ndarray:

@@ -17,6 +17,8 @@ from .options import DEFAULT_OPTIONS, ExistingSegments, SegmentOptions, parse_pr
 from .terminology import PromptTerminology, SegmentCode, terminology_labels
 
 BINARY_LABELMAP = "Binary labelmap"
+# Segment tag naming the organs a lesion was sought in by the model's lesion stage (kept in .seg.nrrd files).
+LESION_STAGE_TAG = "VoxText.LesionStageWithin"
 
 
 class TextSegError(ValueError):
@@ -31,6 +33,7 @@ class TextSegResult:
     segment_ids: list[str]
     probability_nodes: list = field(default_factory=list)
     volumes_ml: dict[str, float] = field(default_factory=dict)
+    lesion_stage: dict[str, list[str]] = field(default_factory=dict)  # segment name -> organs it was sought in
 
 
 def matrix_to_numpy(matrix: vtkMatrix4x4) -> np.ndarray:
@@ -174,16 +177,21 @@ class TextSegCore:
 
         was_modifying = segmentation_node.StartModify()
         segment_ids = [
-            self._write_segment(segmentation_node, prompt, labelmap, code, result.colors[i], existing)
+            self._write_segment(segmentation_node, prompt, labelmap, code, result.colors[i], existing,
+                                result.lesion_stage.get(prompt, []))
             for i, (prompt, labelmap, code) in enumerate(zip(result.prompts, labelmaps, codes))
         ]
         segmentation_node.EndModify(was_modifying)
         segmentation_node.CreateClosedSurfaceRepresentation()
         nodes = self._probability_volumes(volume_node, result) if probabilities else []
-        return TextSegResult(segmentation_node, segment_ids, nodes, self.volumes_ml(segmentation_node, segment_ids))
+        names = [segmentation.GetSegment(s).GetName() for s in segment_ids]
+        within = {name: result.lesion_stage[p] for name, p in zip(names, result.prompts) if p in result.lesion_stage}
+        return TextSegResult(segmentation_node, segment_ids, nodes, self.volumes_ml(segmentation_node, segment_ids),
+                             within)
 
     def _write_segment(self, segmentation_node, prompt: str, labelmap, code: SegmentCode | None,
-                       fallback_color: tuple[float, float, float], existing: ExistingSegments) -> str:
+                       fallback_color: tuple[float, float, float], existing: ExistingSegments,
+                       lesion_stage_within: Sequence[str]) -> str:
         segmentation = segmentation_node.GetSegmentation()
         segment_id = segmentation.GetSegmentIdBySegmentName(prompt) if existing == "replace" else ""
         if not segment_id:
@@ -195,6 +203,10 @@ class TextSegCore:
             segment.SetTag(segment.GetTerminologyEntryTagName(), code.entry)
         else:
             segment.RemoveTag(segment.GetTerminologyEntryTagName())
+        if lesion_stage_within:
+            segment.SetTag(LESION_STAGE_TAG, ", ".join(lesion_stage_within))
+        else:
+            segment.RemoveTag(LESION_STAGE_TAG)
         if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
                 labelmap, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE):
             raise RuntimeError(f"Slicer could not store the mask of {prompt!r} in the segmentation")

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 from vtkmodules.util import numpy_support
+from vtkmodules.vtkCommonCore import reference
 from vtkmodules.vtkCommonDataModel import vtkImageData
 
-from .core import TextSegCore, TextSegError, labelmap_arrays, numpy_to_matrix
+from .core import LESION_STAGE_TAG, TextSegCore, TextSegError, labelmap_arrays, numpy_to_matrix
 from .job import JobError
 from .options import SegmentOptions
 
@@ -220,6 +221,16 @@ def check_worker_matches_backend(core: TextSegCore, volume_node, backend, option
     assert "status" in kinds and "progress" in kinds and kinds[-1] == "done", kinds
     for segment_id, mask in zip(result.segment_ids, backend.masks):
         assert np.array_equal(mask_on_grid(result.segmentation_node, segment_id, backend.affine, mask.shape), mask)
+
+
+def check_lesion_stage_reported(core: TextSegCore, volume_node, options: SegmentOptions = OPTIONS) -> None:
+    """A lesion prompt answered by the model's lesion stage says so (result and a segment tag); others do not."""
+    result = core.segment(volume_node, "right kidney cyst, right kidney", options=options)
+    assert result.lesion_stage == {"right kidney cyst": ["right kidney"]}, result.lesion_stage
+    segmentation = result.segmentation_node.GetSegmentation()
+    tags = [reference("") for _ in result.segment_ids]
+    found = [segmentation.GetSegment(s).GetTag(LESION_STAGE_TAG, tag) for s, tag in zip(result.segment_ids, tags)]
+    assert found == [True, False] and str(tags[0]) == "right kidney", (found, tags)
 
 
 def check_cancel_leaves_scene(core: TextSegCore, volume_node) -> None:

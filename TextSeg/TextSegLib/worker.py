@@ -1,7 +1,8 @@
 """Background worker: runs one voxtext segmentation in its own process, ``python worker.py FOLDER``.
 
 FOLDER holds ``job.json`` (prompts, options, affine) and ``volume.npy`` (voxels, axes i, j, k). The worker
-writes ``result.npz`` (``masks`` and, when asked, ``probabilities``) and reports one JSON object per stdout
+writes ``result.npz`` (``masks``, ``lesion_stage`` as a JSON string of prompt -> organs the model's lesion stage
+sought it in and, when asked, ``probabilities``) and reports one JSON object per stdout
 line: ``{"event": "status", "message"}``, ``{"event": "progress", "done", "total"}``,
 ``{"event": "error", "kind", "message"}`` or ``{"event": "done"}``. Closing its stdin cancels the job.
 Only the standard library, numpy and voxtext are imported, so it runs as a plain script. :func:`serve`
@@ -103,7 +104,7 @@ def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
         progress=lambda done, total: emit({"event": "progress", "done": done, "total": total}),
         cancel=cancel,
     )
-    arrays = {"masks": result.masks}
+    arrays = {"masks": result.masks, "lesion_stage": np.array(json.dumps(result.lesion_stage))}
     if result.probabilities is not None:
         arrays["probabilities"] = result.probabilities
     partial = folder / ("partial-" + RESULT_FILE)

@@ -233,4 +233,6 @@ def _segmentation(result: dict, volume: Volume) -> Segmentation:
         raise ServerError(f"the server's label map grid {labels.shape[:3]} does not match the volume's", 502)
     segments = result["segments"]
     masks = masks_from_layers(labels, [s["layer"] for s in segments])
-    return Segmentation(masks, [s["prompt"] for s in segments], volume.affine, model=result["model"])
+    within = {s["prompt"]: s["lesion_stage_within"] for s in segments if s.get("lesion_stage_within")}
+    return Segmentation(masks, [s["prompt"] for s in segments], volume.affine, model=result["model"],
+                        lesion_stage=within)

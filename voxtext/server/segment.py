@@ -58,6 +58,9 @@ class SegmentInfo(BaseModel):
     prompt: str
     voxels: int
     volume_ml: float
+    lesion_stage_within: list[str] = Field(
+        default_factory=list, description="organs the model's lesion stage sought this lesion in; empty when the "
+                                          "main model answered")
 
 
 class SegmentationResult(BaseModel):
@@ -88,7 +91,8 @@ def _run(data: bytes, options: SegmentOptions, max_bytes: int) -> Callable[[Segm
         labels, layer_of = label_layers(result)
         counts = result.masks.reshape(len(result.prompts), -1).sum(1)
         segments = [SegmentInfo(label=i + 1, layer=layer_of[i], prompt=p, voxels=int(counts[i]),
-                                volume_ml=float(counts[i]) * result.voxel_volume_ml)
+                                volume_ml=float(counts[i]) * result.voxel_volume_ml,
+                                lesion_stage_within=result.lesion_stage.get(p, []))
                     for i, p in enumerate(result.prompts)]
         encoded = base64.b64encode(encode_nifti(labels, result.affine)).decode("ascii")
         seconds = time.perf_counter() - t0

@@ -3,22 +3,26 @@ around the organs that hold the phantom lesions, with lesion prompts only.
 
 The default model's 5 mm grid sees a whole abdominal cross-section but not the lesions (see its model card);
 this model sees 9.6 cm windows at 2 mm and is asked only inside the organ the default model finds
-(``voxtext.lesions``). ``python -m voxtext.training.lesion_model --out runs/lesions`` rebuilds it.
+(``voxtext.lesions``). ``python -m voxtext.training.lesion_model --out runs/lesions`` rebuilds it; the
+minimum volume and confidence of the lesion components it keeps are then calibrated on validation phantoms
+(``--calibrate FOLDER`` redoes only that).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from functools import cache
+from itertools import product
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..api import Segmenter
 from ..checkpoints import build_esica
-from ..lesions import ROUTING_FILE, LesionTarget, organ_surroundings
+from ..lesions import ROUTING_FILE, LesionRouting, LesionStage, LesionTarget, components, organ_surroundings
 from ..phantom import LABELS, TARGETS
 from ..preprocess import PreprocessConfig, prepare_with_labels
 from .cases import Target, TrainingCase
@@ -33,6 +37,10 @@ REGION_MARGIN_MM = 20.0
 RECIPE_STEPS = (700, 800, 500)
 # Stages: name, lr, weight decay, share of crops on a lesion, share of absent prompts (the text encoder is frozen).
 STAGES = (("pretrain", 1e-3, 1e-5, 1.0, 0.0), ("balanced", 3e-4, 1e-6, 0.6, 0.3), ("negatives", 1e-4, 1e-6, 0.7, 0.6))
+CALIBRATION_PHANTOM_SEEDS = range(20_000, 20_040)  # neither trained on nor in the held-out figures
+MIN_VOLUMES_ML = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
+MIN_CONFIDENCES = (0.0, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85)
+NEAR_EMPTY_ML = 1.0  # an absent lesion counts as answered "empty" below this volume (as the held-out figures)
 
 
 def parent_organs(values: tuple[int, ...]) -> tuple[str, ...]:
@@ -81,6 +89,7 @@ def train(output_dir: str, steps: tuple[int, int, int], threads: int, workers: i
         cases = list(pool.map(lesion_case, TRAIN_PHANTOM_SEEDS, chunksize=8))
     final = fit_on_cases(build_esica(LESION_CONFIG), cases, recipe(output_dir, steps))
     write_routing(final)
+    calibrate(final, workers=workers)
     return final
 
 
@@ -89,8 +98,68 @@ def write_routing(folder: Path) -> None:
     answers itself (a prompt goes to the lesion stage when its nearest known phrasing is a lesion's)."""
     other = [p for phrasings, values in TARGETS if not set(values) <= LESION_VALUES for p in phrasings]
     other += [p for source in real_sources() for t in source.targets for p in t.phrasings]
-    routing = {"lesions": [t.to_dict() for t in LESION_TARGETS], "other_phrasings": sorted(set(other))}
-    (folder / ROUTING_FILE).write_text(json.dumps(routing, indent=2))
+    LesionRouting(tuple(LESION_TARGETS), tuple(sorted(set(other)))).save(folder / ROUTING_FILE)
+
+
+@cache
+def _segmenter(lesion_folder: Path) -> Segmenter:
+    segmenter = Segmenter("default", device="cpu")
+    segmenter.lesion_stage = LesionStage(lesion_folder, segmenter.device)
+    return segmenter
+
+
+def component_table(lesion_folder: Path, seed: int) -> list[dict]:
+    """For one validation phantom and each lesion target: is it present, its true volume, and the components
+    of the lesion stage's answer (volume, mean probability, volume overlapping the truth), unfiltered."""
+    volume, case = acquired_phantom(seed)
+    present = {t[0][0] for t in case.targets}
+    names = [t.phrasings[0] for t in LESION_TARGETS]
+    result = _segmenter(lesion_folder).segment(volume, names, quality="fast", return_probabilities=True)
+    voxel_ml, rows = result.voxel_volume_ml, []
+    for name, probability in zip(names, result.probabilities):
+        truth = case.target_mask(name) if name in present else np.zeros(probability.shape, bool)
+        labels, counts, means = components(probability, 0.5)
+        hits = np.bincount(labels[truth], minlength=len(counts) + 1)[1:]
+        rows.append({"target": name, "present": name in present, "truth_ml": float(truth.sum()) * voxel_ml,
+                     "components": [(float(c) * voxel_ml, float(m), float(h) * voxel_ml)
+                                    for c, m, h in zip(counts, means, hits)]})
+    return rows
+
+
+def rule_score(rows: list[dict], min_volume_ml: float, min_confidence: float) -> float:
+    """Mean DSC where the lesion is present plus the share of absent cases answered (near-)empty."""
+    dice, empty = [], []
+    for row in rows:
+        kept = [(v, h) for v, m, h in row["components"] if v >= min_volume_ml and m >= min_confidence]
+        volume = sum(v for v, _ in kept)
+        if row["present"]:
+            dice.append(2 * sum(h for _, h in kept) / max(volume + row["truth_ml"], 1e-9))
+        else:
+            empty.append(volume < NEAR_EMPTY_ML)
+    return float(np.mean(dice) if dice else 0.0) + float(np.mean(empty) if empty else 0.0)
+
+
+def best_rule(rows: list[dict]) -> tuple[float, float]:
+    """The (minimum volume, minimum confidence) of the grid with the highest :func:`rule_score` on ``rows``; the
+    mildest among equals."""
+    return max(product(MIN_VOLUMES_ML, MIN_CONFIDENCES),
+               key=lambda rule: (round(rule_score(rows, *rule), 6), -sum(rule)))
+
+
+def calibrate(lesion_folder: Path, seeds: range = CALIBRATION_PHANTOM_SEEDS, workers: int = 2) -> dict[str, tuple]:
+    """Choose each lesion target's minimum component volume and confidence on validation phantoms (the
+    highest :func:`rule_score`, the mildest rule among equals) and write them into the routing file."""
+    path = Path(lesion_folder) / ROUTING_FILE
+    routing = LesionRouting.load(path)
+    unfiltered = [replace(t, min_volume_ml=0.0, min_confidence=0.0) for t in routing.lesions]
+    replace(routing, lesions=tuple(unfiltered)).save(path)
+    with ProcessPoolExecutor(workers) as pool:
+        rows = [r for case in pool.map(component_table, [Path(lesion_folder)] * len(seeds), seeds) for r in case]
+    chosen = {t.phrasings[0]: best_rule([r for r in rows if r["target"] == t.phrasings[0]]) for t in unfiltered}
+    calibrated = [replace(t, min_volume_ml=chosen[t.phrasings[0]][0], min_confidence=chosen[t.phrasings[0]][1])
+                  for t in unfiltered]
+    replace(routing, lesions=tuple(calibrated)).save(path)
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, nargs=3, default=RECIPE_STEPS,
                         metavar=("PRETRAIN", "BALANCED", "NEGATIVES"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibrate", metavar="FOLDER", help="only calibrate the trained lesion stage in FOLDER")
     args = parser.parse_args(argv)
+    if args.calibrate:
+        for name, (volume, confidence) in calibrate(Path(args.calibrate)).items():
+            print(f"{name}: keep components >= {volume} mL with mean probability >= {confidence}")
+        return 0
     print(f"trained lesion stage in {train(args.out, tuple(args.steps), args.threads)}")
     return 0
 
