@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import slicer
 from vtkmodules.util import numpy_support
-from vtkmodules.vtkCommonCore import VTK_UNSIGNED_CHAR
+from vtkmodules.vtkCommonCore import VTK_UNSIGNED_CHAR, reference
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
@@ -34,6 +34,12 @@ class TextSegResult:
     probability_nodes: list = field(default_factory=list)
     volumes_ml: dict[str, float] = field(default_factory=dict)
     lesion_stage: dict[str, list[str]] = field(default_factory=dict)  # segment name -> organs it was sought in
+
+
+def lesion_stage_within(segment) -> str:
+    """The organs (comma-separated) a segment was sought in by the model's lesion stage; "" otherwise."""
+    organs = reference("")
+    return str(organs) if segment.GetTag(LESION_STAGE_TAG, organs) else ""
 
 
 def matrix_to_numpy(matrix: vtkMatrix4x4) -> np.ndarray:

@@ -175,6 +175,8 @@ class VoxTextWeb:
                                      "background:${seg.color};margin-right:8px`",), classes="legend-swatch")
                     html.Span("{{ seg.name }}", classes="legend-name text-body-2")
                     html.Span("&nbsp;{{ seg.ml }} mL", classes="text-caption text-grey ml-1")
+                    html.Span("&nbsp;(lesion stage, in {{ seg.within }})", v_if=("seg.within",),
+                              classes="text-caption text-grey ml-1 legend-lesion-stage")
                     v.VSpacer()
                     v.VBtn(icon="mdi-delete", size="x-small", variant="text", classes="delete-segment",
                            click=(self.delete_segment, "[seg.id]"))

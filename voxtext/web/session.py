@@ -23,7 +23,7 @@ from .terminology import type_meaning
 add_cores_to_path()
 
 import slicer  # noqa: E402
-from TextSegLib.core import TextSegCore, TextSegError, labelmap_arrays  # noqa: E402
+from TextSegLib.core import TextSegCore, TextSegError, labelmap_arrays, lesion_stage_within  # noqa: E402
 from TextSegLib.job import JobError, JobEvent, WorkerJob  # noqa: E402
 from TextSegLib.options import ExistingSegments, SegmentOptions, parse_prompts  # noqa: E402
 from VLMReportLib.core import Reply, VLMReportCore, export_text, format_conversation  # noqa: E402
@@ -298,7 +298,8 @@ class WebSession:
     # --- segments ------------------------------------------------------------------------------------
 
     def segments(self) -> list[dict]:
-        """The legend: one entry per segment with its name, colour, visibility, opacity and volume."""
+        """The legend: one entry per segment with its name, colour, visibility, opacity, volume and the organs the
+        model's lesion stage sought it in ("" when the main model answered)."""
         node = self._segmentation_for_start()
         if node is None:
             return []
@@ -312,7 +313,8 @@ class WebSession:
             out.append({"id": segment_id, "name": name, "color": _color_hex(segment.GetColor()),
                         "visible": bool(display.GetSegmentVisibility(segment_id)),
                         "opacity": round(display.GetSegmentOpacity3D(segment_id), 2),
-                        "ml": round(volumes.get(name, 0.0), 1), "code": type_meaning(segment)})
+                        "ml": round(volumes.get(name, 0.0), 1), "code": type_meaning(segment),
+                        "within": lesion_stage_within(segment)})
         return out
 
     def _segment(self, segment_id: str):
