@@ -75,6 +75,10 @@ def test_unreadable_routing_file_is_a_clear_error(tmp_path):
     routing.write_text("{not json")
     with pytest.raises(CheckpointError, match="routing"):
         Segmenter(folder, device="cpu")
+    routing.write_text(json.dumps({"lesions": [{"phrasings": ["liver cyst"], "within": ["liver"],
+                                                "min_confidence": 1.5}], "other_phrasings": []}))
+    with pytest.raises(CheckpointError, match="min_confidence"):
+        Segmenter(folder, device="cpu")
 
 
 def test_lesion_training_case_keeps_every_lesion_and_blanks_beyond_the_organs():

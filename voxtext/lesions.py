@@ -72,6 +72,8 @@ class LesionRouting:
             raise CheckpointError(f"unreadable lesion routing file {path}: {error}") from error
         if not lesions or any(not t.phrasings or not t.within for t in lesions):
             raise CheckpointError(f"{path} lists no lesions, or a lesion without phrasings or organs")
+        if any(t.min_volume_ml < 0 or not 0 <= t.min_confidence < 1 for t in lesions):
+            raise CheckpointError(f"{path}: min_volume_ml must be >= 0 and min_confidence in [0, 1)")
         return cls(lesions, other)
 
     def save(self, path: Path) -> None:
