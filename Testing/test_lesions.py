@@ -20,7 +20,7 @@ from voxtext.training.default_model import acquired_phantom
 from voxtext.training.lesion_model import (LESION_SPACING_MM, LESION_VALUES, ORGAN_TARGETS, best_rule, lesion_case,
                                            rule_score)
 
-# A held-out phantom (training uses seeds 0-159) with a liver cyst and a one-voxel kidney stone.
+# A held-out phantom (training uses seeds 0-159) with a liver cyst.
 SEED = 10_001
 
 

@@ -137,11 +137,12 @@ class _Canvas:
             mask &= within[slices]
         return slices, mask
 
-    def paint(self, centre, radii, hu: float, label: int = 0, rotation=None, within=None) -> np.ndarray:
-        """Paint an ellipsoid; returns its full-volume mask."""
+    def paint(self, centre, radii, hu: float, label: int = 0, rotation=None, within=None,
+              min_voxels: int = 1) -> np.ndarray:
+        """Paint an ellipsoid unless it covers fewer than ``min_voxels``; returns its full-volume mask (painted)."""
         slices, mask = self.ellipsoid(centre, radii, rotation, within)
         full = np.zeros(self.shape, dtype=bool)
-        if slices is None:
+        if slices is None or mask.sum() < min_voxels:
             return full
         self.image[slices][mask] = hu
         if label:
@@ -256,8 +257,9 @@ def _add_lesions(canvas: _Canvas, organs: dict, rng: np.random.Generator, prob: 
         if centre is None:
             return
         radii = radius * rng.uniform(0.8, 1.2, 3) if kind == "tumor" else np.full(3, radius)
-        mask = canvas.paint(centre, radii, hu, LABELS[label_name], _rotation(rng, 45), within=organ_mask)
-        if mask.sum() < 2:
+        # A lesion of one voxel at this spacing is neither painted nor reported: labels and findings agree.
+        mask = canvas.paint(centre, radii, hu, LABELS[label_name], _rotation(rng, 45), within=organ_mask, min_voxels=2)
+        if not mask.any():
             return
         findings.append({
             "type": kind, "organ": organ_name.split()[-1], "side": side, "label": LABELS[label_name],
