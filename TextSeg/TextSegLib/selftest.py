@@ -223,12 +223,21 @@ def check_worker_matches_backend(core: TextSegCore, volume_node, backend, option
 
 
 def check_lesion_stage_reported(core: TextSegCore, volume_node, options: SegmentOptions = OPTIONS) -> None:
-    """A lesion prompt answered by the model's lesion stage says so (result and a segment tag); others do not."""
+    """A lesion prompt answered by the model's lesion stage says so (result and a segment tag that .seg.nrrd
+    keeps); others do not."""
     result = core.segment(volume_node, "right kidney cyst, right kidney", options=options)
     assert result.lesion_stage == {"right kidney cyst": ["right kidney"]}, result.lesion_stage
     segmentation = result.segmentation_node.GetSegmentation()
     tags = [lesion_stage_within(segmentation.GetSegment(s)) for s in result.segment_ids]
     assert tags == ["right kidney", ""], tags
+    storage = core.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(Path(tempfile.mkdtemp(prefix="textseg-")) / "lesion.seg.nrrd"))
+    assert storage.WriteData(result.segmentation_node), "Slicer could not write the .seg.nrrd"
+    loaded = core.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reloaded")
+    storage.ReadData(loaded)
+    reloaded = loaded.GetSegmentation()
+    assert lesion_stage_within(reloaded.GetSegment(reloaded.GetSegmentIdBySegmentName("right kidney cyst"))) == \
+        "right kidney", "the lesion-stage tag did not survive .seg.nrrd"
 
 
 def check_cancel_leaves_scene(core: TextSegCore, volume_node) -> None:
