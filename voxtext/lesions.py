@@ -14,6 +14,7 @@ post-processing: small or hesitant blobs are the usual false alarms for a lesion
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Callable, Sequence
@@ -80,12 +81,18 @@ class LesionRouting:
         path.write_text(json.dumps({"lesions": [t.to_dict() for t in self.lesions],
                                     "other_phrasings": list(self.other_phrasings)}, indent=2))
 
+    @functools.lru_cache(maxsize=4)
+    def known_vectors(self, embed: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
+        """Unit embeddings of every listed phrasing (the lesions', then the others), once per text encoder: a
+        segmentation call embeds only its own prompts."""
+        known = [p for t in self.lesions for p in t.phrasings] + list(self.other_phrasings)
+        return torch.nn.functional.normalize(embed(known).float(), dim=1)
+
     def route(self, prompts: Sequence[str], embed: Callable[[list[str]], torch.Tensor]) -> dict[str, LesionTarget]:
         """The prompts the lesion stage answers, each with its lesion target."""
         owners = [t for t in self.lesions for _ in t.phrasings] + [None] * len(self.other_phrasings)
-        known = [p for t in self.lesions for p in t.phrasings] + list(self.other_phrasings)
-        vectors = torch.nn.functional.normalize(embed(list(prompts) + known).float(), dim=1)
-        nearest = (vectors[: len(prompts)] @ vectors[len(prompts) :].T).argmax(1).tolist()
+        vectors = torch.nn.functional.normalize(embed(list(prompts)).float(), dim=1)
+        nearest = (vectors @ self.known_vectors(embed).T).argmax(1).tolist()
         return {p: owners[n] for p, n in zip(prompts, nearest) if owners[n] is not None}
 
 

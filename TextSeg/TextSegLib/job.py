@@ -205,7 +205,7 @@ class SegmentationJob(WorkerJob):
         from voxtext.segmentation import Segmentation
 
         self._check_done()
-        with np.load(self.folder / worker.RESULT_FILE) as data:
+        with np.load(self.folder / worker.RESULT_FILE, allow_pickle=False) as data:
             masks = data["masks"]
             probabilities = data["probabilities"] if "probabilities" in data else None
             lesion_stage = json.loads(str(data["lesion_stage"]))

@@ -28,6 +28,7 @@ from ..preprocess import PreprocessConfig, prepare_with_labels
 from .cases import Target, TrainingCase
 from .default_model import (DEFAULT_CONFIG, TRAIN_PHANTOM_SEEDS, acquired_phantom, cpu_config, fit_on_cases,
                             real_sources)
+from .evaluate_default import NEAR_EMPTY_ML
 from .seg_trainer import StageConfig, TrainConfig, seed_everything
 
 LESION_SPACING_MM = 2.0
@@ -40,7 +41,6 @@ STAGES = (("pretrain", 1e-3, 1e-5, 1.0, 0.0), ("balanced", 3e-4, 1e-6, 0.6, 0.3)
 CALIBRATION_PHANTOM_SEEDS = range(20_000, 20_040)  # neither trained on nor in the held-out figures
 MIN_VOLUMES_ML = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
 MIN_CONFIDENCES = (0.0, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85)
-NEAR_EMPTY_ML = 1.0  # an absent lesion counts as answered "empty" below this volume (as the held-out figures)
 
 
 def parent_organs(values: tuple[int, ...]) -> tuple[str, ...]:
@@ -101,10 +101,17 @@ def write_routing(folder: Path) -> None:
     LesionRouting(tuple(LESION_TARGETS), tuple(sorted(set(other)))).save(folder / ROUTING_FILE)
 
 
+def unfiltered(routing: LesionRouting) -> LesionRouting:
+    """``routing`` with every lesion's component rule off."""
+    return replace(routing, lesions=tuple(replace(t, min_volume_ml=0.0, min_confidence=0.0) for t in routing.lesions))
+
+
 @cache
 def _segmenter(lesion_folder: Path) -> Segmenter:
+    """The shipped main model with the lesion stage in ``lesion_folder``, its component rule off."""
     segmenter = Segmenter("default", device="cpu")
     segmenter.lesion_stage = LesionStage(lesion_folder, segmenter.device)
+    segmenter.lesion_stage.routing = unfiltered(segmenter.lesion_stage.routing)
     return segmenter
 
 
@@ -151,13 +158,11 @@ def calibrate(lesion_folder: Path, seeds: range = CALIBRATION_PHANTOM_SEEDS, wor
     highest :func:`rule_score`, the mildest rule among equals) and write them into the routing file."""
     path = Path(lesion_folder) / ROUTING_FILE
     routing = LesionRouting.load(path)
-    unfiltered = [replace(t, min_volume_ml=0.0, min_confidence=0.0) for t in routing.lesions]
-    replace(routing, lesions=tuple(unfiltered)).save(path)
     with ProcessPoolExecutor(workers) as pool:
         rows = [r for case in pool.map(component_table, [Path(lesion_folder)] * len(seeds), seeds) for r in case]
-    chosen = {t.phrasings[0]: best_rule([r for r in rows if r["target"] == t.phrasings[0]]) for t in unfiltered}
+    chosen = {t.phrasings[0]: best_rule([r for r in rows if r["target"] == t.phrasings[0]]) for t in routing.lesions}
     calibrated = [replace(t, min_volume_ml=chosen[t.phrasings[0]][0], min_confidence=chosen[t.phrasings[0]][1])
-                  for t in unfiltered]
+                  for t in routing.lesions]
     replace(routing, lesions=tuple(calibrated)).save(path)
     return chosen
 
