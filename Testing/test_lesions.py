@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -141,3 +142,36 @@ def test_calibrated_rule_in_the_routing_file_reaches_the_masks(tmp_path, segment
                   routing.other_phrasings).save(path)
     assert segmenter.segment(volume, ["liver cyst"], quality="fast").mask("liver cyst").any()
     assert not Segmenter(folder, device="cpu").segment(volume, ["liver cyst"], quality="fast").masks.any()
+
+
+def test_validation_dice_round_trips_and_a_low_one_is_a_caution(tmp_path):
+    path = tmp_path / ROUTING_FILE
+    stone = LesionTarget(("kidney stone",), ("left kidney", "right kidney"), validated_cases=9, validated_dsc=0.0)
+    cyst = LesionTarget(("liver cyst",), ("liver",), 0.25, 0.8, validated_cases=14, validated_dsc=0.53)
+    LesionRouting((stone, cyst, LesionTarget(("liver tumor",), ("liver",))), ("liver",)).save(path)
+    loaded = LesionRouting.load(path)
+    assert loaded.lesions[:2] == (stone, cyst)
+    assert "kidney stone" in loaded.lesions[0].caution and "0.00 over 9" in loaded.lesions[0].caution
+    assert loaded.lesions[1].caution == "" and loaded.lesions[2].caution == ""  # reliable, and never measured
+
+
+def test_cautioned_lesion_is_reported_by_the_pipeline_and_the_cli(tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(PACKAGE_WEIGHTS / "esica-default", folder)
+    path = folder / LESION_FOLDER / ROUTING_FILE
+    routing = LesionRouting.load(path)
+    LesionRouting(tuple(replace(t, validated_cases=5, validated_dsc=0.0 if "stone" in t.phrasings[0] else 0.6)
+                        for t in routing.lesions), routing.other_phrasings).save(path)
+    air = Volume(np.full((40, 40, 30), -1000.0, np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), "CT")
+    result = Segmenter(folder, device="cpu").segment(air, ["renal calculus", "liver cyst", "spleen"])
+    assert list(result.cautions) == ["renal calculus"] and "kidney stone" in result.cautions["renal calculus"]
+
+    image = tmp_path / "air.nii.gz"
+    air.save(image)
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(image), "-p", "renal calculus", "-p", "liver cyst", "--model", str(folder),
+                 "-o", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^renal calculus: 0\.0 mL \(.*\)\n  caution: .*does not rule one out$", printed, re.MULTILINE)
+    assert printed.count("  caution:") == 1
+    assert json.loads((tmp_path / "seg.json").read_text())["cautions"] == result.cautions

@@ -58,14 +58,14 @@ def _boxes(shape) -> np.ndarray:
     return masks
 
 
-def _add_segments(session, masks, prompts=("liver", "left kidney"), lesion_stage=None):
+def _add_segments(session, masks, prompts=("liver", "left kidney"), lesion_stage=None, cautions=None):
     from TextSegLib.core import volume_arrays
 
     from voxtext.segmentation import Segmentation
 
     _, affine = volume_arrays(session.volume_node)
-    result = session.seg_core.apply(Segmentation(masks, list(prompts), affine, lesion_stage=lesion_stage or {}),
-                                    session.volume_node)
+    result = session.seg_core.apply(Segmentation(masks, list(prompts), affine, lesion_stage=lesion_stage or {},
+                                                 cautions=cautions or {}), session.volume_node)
     session.segmentation_node = result.segmentation_node
     return affine
 
@@ -93,7 +93,7 @@ def test_dicom_volume_legend_display_and_downloads(session, tmp_path):
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000
     assert legend[0]["ml"] == pytest.approx(masks[0].sum() * voxel_ml, abs=0.1)
 
-    assert [s["within"] for s in legend] == ["", ""]
+    assert [(s["within"], s["caution"]) for s in legend] == [("", ""), ("", "")]
 
     names, on_grid, _ = session.masks()
     assert names == ["liver", "left kidney"] and np.array_equal(on_grid, masks)
@@ -160,8 +160,9 @@ def test_nifti_input_refuses_dicom_seg_and_bad_uploads(session, tmp_path):
         session.export_segmentation("nii.gz")
     masks = np.zeros((1, 40, 30, 10), bool)
     masks[0, 10:30, 5:25, 2:8] = True
-    _add_segments(session, masks, ["liver cyst"], {"liver cyst": ["liver"]})
-    assert [(s["name"], s["within"]) for s in session.segments()] == [("liver cyst", "liver")]
+    _add_segments(session, masks, ["liver cyst"], {"liver cyst": ["liver"]}, {"liver cyst": "rarely found"})
+    assert [(s["name"], s["within"], s["caution"]) for s in session.segments()] == [("liver cyst", "liver",
+                                                                                    "rarely found")]
     with pytest.raises(WebError, match="DICOM SEG needs a DICOM series"):
         session.export_segmentation("dcm")
     with pytest.raises(Exception, match="at least one target"):

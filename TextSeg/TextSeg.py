@@ -171,18 +171,24 @@ class TextSegWidget(ScriptedLoadableModuleWidget):
             slicer.util.errorDisplay(str(error))
         else:
             self.ui.outputSegmentationSelector.setCurrentNode(result.segmentation_node)
-            self.showResult(result.volumes_ml, result.lesion_stage)
+            self.showResult(result)
         self.updateButtons()
 
-    def showResult(self, volumes_ml: dict[str, float], lesion_stage: dict[str, list[str]]) -> None:
-        self.ui.resultsTable.setRowCount(len(volumes_ml))
-        for row, (name, volume) in enumerate(volumes_ml.items()):
-            item = qt.QTableWidgetItem(name)
-            if name in lesion_stage:
-                item.setToolTip(f"Answered by the model's lesion stage, within {' and '.join(lesion_stage[name])}")
+    def showResult(self, result) -> None:
+        self.ui.resultsTable.setRowCount(len(result.volumes_ml))
+        for row, (name, volume) in enumerate(result.volumes_ml.items()):
+            item = qt.QTableWidgetItem(f"\u26a0 {name}" if name in result.cautions else name)
+            notes = []
+            if name in result.lesion_stage:
+                notes.append(f"Answered by the model's lesion stage, within {' and '.join(result.lesion_stage[name])}.")
+            if name in result.cautions:
+                notes.append(f"Caution: {result.cautions[name]}.")
+            item.setToolTip(" ".join(notes))
             self.ui.resultsTable.setItem(row, 0, item)
             self.ui.resultsTable.setItem(row, 1, qt.QTableWidgetItem(f"{volume:.1f}"))
-        self.showStatus("Done. Segment Statistics gives further measurements.")
+        cautioned = ", ".join(result.cautions)
+        self.showStatus(f"Done; caution about {cautioned} (see its tooltip)." if cautioned else
+                        "Done. Segment Statistics gives further measurements.")
 
 
 class TextSegLogic(ScriptedLoadableModuleLogic, TextSegCore):

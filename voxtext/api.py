@@ -189,7 +189,9 @@ class Segmenter:
         for i, mask in enumerate(resolver.finish()):
             masks[(i, *slices)] = clean_mask(mask, keep_largest, fill_holes)
         within = {p: list(target.within) for p, target in routes.items()}
-        return Segmentation(masks, prompts, volume.affine, probabilities, model=self.model_name, lesion_stage=within)
+        cautions = {p: target.caution for p, target in routes.items() if target.caution}
+        return Segmentation(masks, prompts, volume.affine, probabilities, model=self.model_name, lesion_stage=within,
+                            cautions=cautions)
 
 
 def available_memory_bytes() -> int:

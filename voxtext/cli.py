@@ -58,6 +58,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for prompt, ml in result.volumes_ml().items():
         within = result.lesion_stage.get(prompt)
         print(f"{prompt}: {ml:.1f} mL" + (f" (lesion stage, within {' / '.join(within)})" if within else ""))
+        if prompt in result.cautions:
+            print(f"  caution: {result.cautions[prompt]}")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

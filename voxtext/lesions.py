@@ -35,6 +35,7 @@ ROUTING_FILE = "routing.json"
 LESION_FOLDER = "lesions"
 ORGAN_MARGIN_MM = 20.0  # context around the organ's bounding box given to the lesion model
 ORGAN_DILATION_MM = 6.0  # how far outside the main model's organ mask a lesion may reach
+RELIABLE_DSC = 0.1  # below this validation DSC a lesion target's answers carry a caution
 
 
 @dataclass(frozen=True)
@@ -45,15 +46,29 @@ class LesionTarget:
     within: tuple[str, ...]
     min_volume_ml: float = 0.0  # connected components smaller than this are dropped ...
     min_confidence: float = 0.0  # ... as are those whose mean probability is lower
+    # Measured by the calibration: validation phantoms holding this lesion, and the mean DSC of the kept answer.
+    validated_cases: int = 0
+    validated_dsc: float | None = None
+
+    @property
+    def caution(self) -> str:
+        """A warning to show with every answer of this target when the calibration measured it unreliable."""
+        if self.validated_dsc is None or self.validated_dsc >= RELIABLE_DSC:
+            return ""
+        return (f"the lesion stage found almost no {self.phrasings[0]} on its validation phantoms (mean DSC "
+                f"{self.validated_dsc:.2f} over {self.validated_cases}): an empty mask does not rule one out")
 
     def to_dict(self) -> dict:
         return {"phrasings": list(self.phrasings), "within": list(self.within),
-                "min_volume_ml": self.min_volume_ml, "min_confidence": self.min_confidence}
+                "min_volume_ml": self.min_volume_ml, "min_confidence": self.min_confidence,
+                "validated_cases": self.validated_cases, "validated_dsc": self.validated_dsc}
 
     @classmethod
     def from_dict(cls, data: dict) -> LesionTarget:
+        dsc = data.get("validated_dsc")
         return cls(tuple(data["phrasings"]), tuple(data["within"]), float(data.get("min_volume_ml", 0.0)),
-                   float(data.get("min_confidence", 0.0)))
+                   float(data.get("min_confidence", 0.0)), int(data.get("validated_cases", 0)),
+                   None if dsc is None else float(dsc))
 
 
 @dataclass(frozen=True)

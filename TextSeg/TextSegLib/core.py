@@ -19,6 +19,8 @@ from .terminology import PromptTerminology, SegmentCode, terminology_labels
 BINARY_LABELMAP = "Binary labelmap"
 # Segment tag naming the organs a lesion was sought in by the model's lesion stage (kept in .seg.nrrd files).
 LESION_STAGE_TAG = "VoxText.LesionStageWithin"
+# Segment tag with the model's caution about an answer it was measured unreliable for (kept in .seg.nrrd files).
+CAUTION_TAG = "VoxText.Caution"
 
 
 class TextSegError(ValueError):
@@ -34,12 +36,22 @@ class TextSegResult:
     probability_nodes: list = field(default_factory=list)
     volumes_ml: dict[str, float] = field(default_factory=dict)
     lesion_stage: dict[str, list[str]] = field(default_factory=dict)  # segment name -> organs it was sought in
+    cautions: dict[str, str] = field(default_factory=dict)  # segment name -> the model's caution about it
+
+
+def _tag(segment, name: str) -> str:
+    value = reference("")
+    return str(value) if segment.GetTag(name, value) else ""
 
 
 def lesion_stage_within(segment) -> str:
     """The organs (comma-separated) a segment was sought in by the model's lesion stage; "" otherwise."""
-    organs = reference("")
-    return str(organs) if segment.GetTag(LESION_STAGE_TAG, organs) else ""
+    return _tag(segment, LESION_STAGE_TAG)
+
+
+def segment_caution(segment) -> str:
+    """The model's caution about a segment's answer (e.g. a lesion it rarely finds); "" otherwise."""
+    return _tag(segment, CAUTION_TAG)
 
 
 def matrix_to_numpy(matrix: vtkMatrix4x4) -> np.ndarray:
@@ -184,7 +196,8 @@ class TextSegCore:
         was_modifying = segmentation_node.StartModify()
         segment_ids = [
             self._write_segment(segmentation_node, prompt, labelmap, code, result.colors[i], existing,
-                                result.lesion_stage.get(prompt, []))
+                                {LESION_STAGE_TAG: ", ".join(result.lesion_stage.get(prompt, [])),
+                                 CAUTION_TAG: result.cautions.get(prompt, "")})
             for i, (prompt, labelmap, code) in enumerate(zip(result.prompts, labelmaps, codes))
         ]
         segmentation_node.EndModify(was_modifying)
@@ -192,12 +205,13 @@ class TextSegCore:
         nodes = self._probability_volumes(volume_node, result) if probabilities else []
         names = [segmentation.GetSegment(s).GetName() for s in segment_ids]
         within = {name: result.lesion_stage[p] for name, p in zip(names, result.prompts) if p in result.lesion_stage}
+        cautions = {name: result.cautions[p] for name, p in zip(names, result.prompts) if p in result.cautions}
         return TextSegResult(segmentation_node, segment_ids, nodes, self.volumes_ml(segmentation_node, segment_ids),
-                             within)
+                             within, cautions)
 
     def _write_segment(self, segmentation_node, prompt: str, labelmap, code: SegmentCode | None,
                        fallback_color: tuple[float, float, float], existing: ExistingSegments,
-                       lesion_stage_within: Sequence[str]) -> str:
+                       tags: dict[str, str]) -> str:
         segmentation = segmentation_node.GetSegmentation()
         segment_id = segmentation.GetSegmentIdBySegmentName(prompt) if existing == "replace" else ""
         if not segment_id:
@@ -209,10 +223,11 @@ class TextSegCore:
             segment.SetTag(segment.GetTerminologyEntryTagName(), code.entry)
         else:
             segment.RemoveTag(segment.GetTerminologyEntryTagName())
-        if lesion_stage_within:
-            segment.SetTag(LESION_STAGE_TAG, ", ".join(lesion_stage_within))
-        else:
-            segment.RemoveTag(LESION_STAGE_TAG)
+        for name, value in tags.items():  # an empty value clears what an earlier run left on a replaced segment
+            if value:
+                segment.SetTag(name, value)
+            else:
+                segment.RemoveTag(name)
         if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
                 labelmap, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE):
             raise RuntimeError(f"Slicer could not store the mask of {prompt!r} in the segmentation")

@@ -14,7 +14,7 @@ import numpy as np
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonDataModel import vtkImageData
 
-from .core import TextSegCore, TextSegError, labelmap_arrays, lesion_stage_within, numpy_to_matrix
+from .core import TextSegCore, TextSegError, labelmap_arrays, lesion_stage_within, numpy_to_matrix, segment_caution
 from .job import JobError
 from .options import SegmentOptions
 
@@ -223,13 +223,18 @@ def check_worker_matches_backend(core: TextSegCore, volume_node, backend, option
 
 
 def check_lesion_stage_reported(core: TextSegCore, volume_node, options: SegmentOptions = OPTIONS) -> None:
-    """A lesion prompt answered by the model's lesion stage says so (result and a segment tag that .seg.nrrd
-    keeps); others do not."""
-    result = core.segment(volume_node, "right kidney cyst, right kidney", options=options)
-    assert result.lesion_stage == {"right kidney cyst": ["right kidney"]}, result.lesion_stage
+    """A lesion prompt answered by the model's lesion stage says so, and one the embedded default was measured
+    never to find (kidney stones) carries its caution (in the result and as segment tags that .seg.nrrd keeps);
+    others do not."""
+    result = core.segment(volume_node, "right kidney cyst, right kidney stone, right kidney", options=options)
+    assert result.lesion_stage == {"right kidney cyst": ["right kidney"], "right kidney stone": ["right kidney"]}, \
+        result.lesion_stage
+    assert list(result.cautions) == ["right kidney stone"], result.cautions
     segmentation = result.segmentation_node.GetSegmentation()
     tags = [lesion_stage_within(segmentation.GetSegment(s)) for s in result.segment_ids]
-    assert tags == ["right kidney", ""], tags
+    assert tags == ["right kidney", "right kidney", ""], tags
+    cautions = [segment_caution(segmentation.GetSegment(s)) for s in result.segment_ids]
+    assert cautions == ["", result.cautions["right kidney stone"], ""], cautions
     storage = core.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
     storage.SetFileName(str(Path(tempfile.mkdtemp(prefix="textseg-")) / "lesion.seg.nrrd"))
     assert storage.WriteData(result.segmentation_node), "Slicer could not write the .seg.nrrd"
@@ -238,6 +243,8 @@ def check_lesion_stage_reported(core: TextSegCore, volume_node, options: Segment
     reloaded = loaded.GetSegmentation()
     assert lesion_stage_within(reloaded.GetSegment(reloaded.GetSegmentIdBySegmentName("right kidney cyst"))) == \
         "right kidney", "the lesion-stage tag did not survive .seg.nrrd"
+    stone = reloaded.GetSegment(reloaded.GetSegmentIdBySegmentName("right kidney stone"))
+    assert segment_caution(stone) == result.cautions["right kidney stone"], "the caution tag did not survive .seg.nrrd"
 
 
 def check_cancel_leaves_scene(core: TextSegCore, volume_node) -> None:

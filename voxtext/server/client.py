@@ -234,5 +234,6 @@ def _segmentation(result: dict, volume: Volume) -> Segmentation:
     segments = result["segments"]
     masks = masks_from_layers(labels, [s["layer"] for s in segments])
     within = {s["prompt"]: s["lesion_stage_within"] for s in segments if s.get("lesion_stage_within")}
+    cautions = {s["prompt"]: s["caution"] for s in segments if s.get("caution")}
     return Segmentation(masks, [s["prompt"] for s in segments], volume.affine, model=result["model"],
-                        lesion_stage=within)
+                        lesion_stage=within, cautions=cautions)

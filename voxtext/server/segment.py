@@ -61,6 +61,8 @@ class SegmentInfo(BaseModel):
     lesion_stage_within: list[str] = Field(
         default_factory=list, description="organs the model's lesion stage sought this lesion in; empty when the "
                                           "main model answered")
+    caution: str = Field("", description="why this answer (an empty one above all) may mislead: set when the model "
+                                         "was measured unreliable for this target; empty otherwise")
 
 
 class SegmentationResult(BaseModel):
@@ -92,7 +94,8 @@ def _run(data: bytes, options: SegmentOptions, max_bytes: int) -> Callable[[Segm
         counts = result.masks.reshape(len(result.prompts), -1).sum(1)
         segments = [SegmentInfo(label=i + 1, layer=layer_of[i], prompt=p, voxels=int(counts[i]),
                                 volume_ml=float(counts[i]) * result.voxel_volume_ml,
-                                lesion_stage_within=result.lesion_stage.get(p, []))
+                                lesion_stage_within=result.lesion_stage.get(p, []),
+                                caution=result.cautions.get(p, ""))
                     for i, p in enumerate(result.prompts)]
         encoded = base64.b64encode(encode_nifti(labels, result.affine)).decode("ascii")
         seconds = time.perf_counter() - t0

@@ -133,8 +133,9 @@ def component_table(lesion_folder: Path, seed: int) -> list[dict]:
     return rows
 
 
-def rule_score(rows: list[dict], min_volume_ml: float, min_confidence: float) -> float:
-    """Mean DSC where the lesion is present plus the share of absent cases answered (near-)empty."""
+def rule_outcomes(rows: list[dict], min_volume_ml: float, min_confidence: float) -> tuple[list[float], list[bool]]:
+    """Under a component rule: the DSC of each row whose lesion is present, and for each other row whether the
+    answer is (near-)empty."""
     dice, empty = [], []
     for row in rows:
         kept = [(v, h) for v, m, h in row["components"] if v >= min_volume_ml and m >= min_confidence]
@@ -143,6 +144,12 @@ def rule_score(rows: list[dict], min_volume_ml: float, min_confidence: float) ->
             dice.append(2 * sum(h for _, h in kept) / max(volume + row["truth_ml"], 1e-9))
         else:
             empty.append(volume < NEAR_EMPTY_ML)
+    return dice, empty
+
+
+def rule_score(rows: list[dict], min_volume_ml: float, min_confidence: float) -> float:
+    """Mean DSC where the lesion is present plus the share of absent cases answered (near-)empty."""
+    dice, empty = rule_outcomes(rows, min_volume_ml, min_confidence)
     return float(np.mean(dice) if dice else 0.0) + float(np.mean(empty) if empty else 0.0)
 
 
@@ -153,18 +160,23 @@ def best_rule(rows: list[dict]) -> tuple[float, float]:
                key=lambda rule: (round(rule_score(rows, *rule), 6), -sum(rule)))
 
 
-def calibrate(lesion_folder: Path, seeds: range = CALIBRATION_PHANTOM_SEEDS, workers: int = 2) -> dict[str, tuple]:
+def calibrate(lesion_folder: Path, seeds: range = CALIBRATION_PHANTOM_SEEDS, workers: int = 2) -> list[LesionTarget]:
     """Choose each lesion target's minimum component volume and confidence on validation phantoms (the
-    highest :func:`rule_score`, the mildest rule among equals) and write them into the routing file."""
+    highest :func:`rule_score`, the mildest rule among equals) and write them into the routing file, with the
+    mean DSC the chosen rule reaches on the phantoms that hold the lesion (a low one is a caution to users)."""
     path = Path(lesion_folder) / ROUTING_FILE
     routing = LesionRouting.load(path)
     with ProcessPoolExecutor(workers) as pool:
         rows = [r for case in pool.map(component_table, [Path(lesion_folder)] * len(seeds), seeds) for r in case]
-    chosen = {t.phrasings[0]: best_rule([r for r in rows if r["target"] == t.phrasings[0]]) for t in routing.lesions}
-    calibrated = [replace(t, min_volume_ml=chosen[t.phrasings[0]][0], min_confidence=chosen[t.phrasings[0]][1])
-                  for t in routing.lesions]
+    calibrated = []
+    for target in routing.lesions:
+        own = [r for r in rows if r["target"] == target.phrasings[0]]
+        volume, confidence = best_rule(own)
+        dice, _ = rule_outcomes(own, volume, confidence)
+        calibrated.append(replace(target, min_volume_ml=volume, min_confidence=confidence, validated_cases=len(dice),
+                                  validated_dsc=round(float(np.mean(dice)), 3) if dice else None))
     replace(routing, lesions=tuple(calibrated)).save(path)
-    return chosen
+    return calibrated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate", metavar="FOLDER", help="only calibrate the trained lesion stage in FOLDER")
     args = parser.parse_args(argv)
     if args.calibrate:
-        for name, (volume, confidence) in calibrate(Path(args.calibrate)).items():
-            print(f"{name}: keep components >= {volume} mL with mean probability >= {confidence}")
+        for t in calibrate(Path(args.calibrate)):
+            print(f"{t.phrasings[0]}: keep components >= {t.min_volume_ml} mL with mean probability >= "
+                  f"{t.min_confidence}; validation DSC {t.validated_dsc} over {t.validated_cases} phantoms")
         return 0
     print(f"trained lesion stage in {train(args.out, tuple(args.steps), args.threads)}")
     return 0

@@ -177,6 +177,8 @@ class VoxTextWeb:
                     html.Span("&nbsp;{{ seg.ml }} mL", classes="text-caption text-grey ml-1")
                     html.Span("&nbsp;(lesion stage, in {{ seg.within }})", v_if=("seg.within",),
                               classes="text-caption text-grey ml-1 legend-lesion-stage")
+                    v.VIcon("mdi-alert", v_if=("seg.caution",), size="small", color="warning",
+                            title=("seg.caution",), classes="ml-1 legend-caution")
                     v.VSpacer()
                     v.VBtn(icon="mdi-delete", size="x-small", variant="text", classes="delete-segment",
                            click=(self.delete_segment, "[seg.id]"))

@@ -23,7 +23,8 @@ from .terminology import type_meaning
 add_cores_to_path()
 
 import slicer  # noqa: E402
-from TextSegLib.core import TextSegCore, TextSegError, labelmap_arrays, lesion_stage_within  # noqa: E402
+from TextSegLib.core import (TextSegCore, TextSegError, labelmap_arrays, lesion_stage_within,  # noqa: E402
+                             segment_caution)
 from TextSegLib.job import JobError, JobEvent, WorkerJob  # noqa: E402
 from TextSegLib.options import ExistingSegments, SegmentOptions, parse_prompts  # noqa: E402
 from VLMReportLib.core import Reply, VLMReportCore, export_text, format_conversation  # noqa: E402
@@ -314,7 +315,7 @@ class WebSession:
                         "visible": bool(display.GetSegmentVisibility(segment_id)),
                         "opacity": round(display.GetSegmentOpacity3D(segment_id), 2),
                         "ml": round(volumes.get(name, 0.0), 1), "code": type_meaning(segment),
-                        "within": lesion_stage_within(segment)})
+                        "within": lesion_stage_within(segment), "caution": segment_caution(segment)})
         return out
 
     def _segment(self, segment_id: str):
