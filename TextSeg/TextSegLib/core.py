@@ -203,11 +203,10 @@ class TextSegCore:
         segmentation_node.EndModify(was_modifying)
         segmentation_node.CreateClosedSurfaceRepresentation()
         nodes = self._probability_volumes(volume_node, result) if probabilities else []
-        names = [segmentation.GetSegment(s).GetName() for s in segment_ids]
-        within = {name: result.lesion_stage[p] for name, p in zip(names, result.prompts) if p in result.lesion_stage}
-        cautions = {name: result.cautions[p] for name, p in zip(names, result.prompts) if p in result.cautions}
+        name = dict(zip(result.prompts, (segmentation.GetSegment(s).GetName() for s in segment_ids)))
         return TextSegResult(segmentation_node, segment_ids, nodes, self.volumes_ml(segmentation_node, segment_ids),
-                             within, cautions)
+                             {name[p]: organs for p, organs in result.lesion_stage.items()},
+                             {name[p]: caution for p, caution in result.cautions.items()})
 
     def _write_segment(self, segmentation_node, prompt: str, labelmap, code: SegmentCode | None,
                        fallback_color: tuple[float, float, float], existing: ExistingSegments,

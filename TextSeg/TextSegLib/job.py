@@ -208,12 +208,11 @@ class SegmentationJob(WorkerJob):
         with np.load(self.folder / worker.RESULT_FILE, allow_pickle=False) as data:
             masks = data["masks"]
             probabilities = data["probabilities"] if "probabilities" in data else None
-            lesion_stage = json.loads(str(data["lesion_stage"]))
-            cautions = json.loads(str(data["cautions"]))
+            notes = json.loads(str(data["notes"]))
         if masks.shape != (len(self.prompts), *self.shape):
             raise JobError("internal", f"the worker returned masks of shape {masks.shape} for a {self.shape} volume")
         return Segmentation(masks, self.prompts, self.affine, probabilities, model=self.options.model,
-                            lesion_stage=lesion_stage, cautions=cautions)
+                            lesion_stage=notes["lesion_stage"], cautions=notes["cautions"])
 
 
 def _parse_event(line: str) -> JobEvent:

@@ -1,10 +1,11 @@
 """Background worker: runs one voxtext segmentation in its own process, ``python worker.py FOLDER``.
 
 FOLDER holds ``job.json`` (prompts, options, affine) and ``volume.npy`` (voxels, axes i, j, k). The worker
-writes ``result.npz`` (``masks``; ``lesion_stage`` and ``cautions``, JSON strings of prompt -> organs the model's
-lesion stage sought it in and prompt -> the model's caution about its answer; when asked, ``probabilities``) and
-reports one JSON object per stdout line: ``{"event": "status", "message"}``, ``{"event": "progress", "done",
-"total"}``, ``{"event": "error", "kind", "message"}`` or ``{"event": "done"}``. Closing its stdin cancels the job.
+writes ``result.npz`` (``masks``; ``notes``, a JSON string of the result's per-prompt notes: ``lesion_stage``,
+prompt -> organs the model's lesion stage sought it in, and ``cautions``, prompt -> the model's caution about its
+answer; when asked, ``probabilities``) and reports one JSON object per stdout line: ``{"event": "status",
+"message"}``, ``{"event": "progress", "done", "total"}``, ``{"event": "error", "kind", "message"}`` or
+``{"event": "done"}``. Closing its stdin cancels the job.
 Only the standard library, numpy and voxtext are imported, so it runs as a plain script. :func:`serve`
 is the protocol itself, for other modules' worker scripts (other events, e.g. ``token``, pass through).
 """
@@ -104,8 +105,8 @@ def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
         progress=lambda done, total: emit({"event": "progress", "done": done, "total": total}),
         cancel=cancel,
     )
-    arrays = {"masks": result.masks, "lesion_stage": np.array(json.dumps(result.lesion_stage)),
-              "cautions": np.array(json.dumps(result.cautions))}
+    notes = {"lesion_stage": result.lesion_stage, "cautions": result.cautions}
+    arrays = {"masks": result.masks, "notes": np.array(json.dumps(notes))}
     if result.probabilities is not None:
         arrays["probabilities"] = result.probabilities
     partial = folder / ("partial-" + RESULT_FILE)

@@ -299,8 +299,8 @@ class WebSession:
     # --- segments ------------------------------------------------------------------------------------
 
     def segments(self) -> list[dict]:
-        """The legend: one entry per segment with its name, colour, visibility, opacity, volume and the organs the
-        model's lesion stage sought it in ("" when the main model answered)."""
+        """The legend: one entry per segment with its name, colour, visibility, opacity, volume, the organs the
+        model's lesion stage sought it in ("" when the main model answered) and the model's caution ("" if none)."""
         node = self._segmentation_for_start()
         if node is None:
             return []
