@@ -22,8 +22,9 @@ from voxtext.training.default_vlm import HELD_OUT_SEED, evaluate, mentioned_lesi
 from voxtext.training.vlm_data import folder_cases, qa_pairs
 from voxtext.volume import Volume
 
-# Shipped model on 80 held-out closed questions (model card): 0.35 generated, 0.69 scored; chance is 0.25.
-MIN_CLOSED_ACCURACY = 0.25
+# Shipped model on 80 held-out closed questions (model card): 0.79 generated, 0.85 scored; chance is 0.25.
+# On the 8 questions of the first 4 held-out phantoms it answers 5 generated, 7 scored, and finds 1 of 3 lesions.
+MIN_GENERATED_ACCURACY, MIN_SCORED_ACCURACY = 0.5, 0.75
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +151,10 @@ def test_train_vlm_lowers_the_loss_and_reloads(tmp_path):
 def test_default_vlm_held_out_closed_accuracy(reporter):
     scores = evaluate(reporter, range(HELD_OUT_SEED, HELD_OUT_SEED + 4))
     assert scores["closed_questions"] >= 8
-    assert scores["closed_accuracy"] >= MIN_CLOSED_ACCURACY
-    assert scores["closed_accuracy_scored"] >= MIN_CLOSED_ACCURACY
+    assert scores["closed_accuracy"] >= MIN_GENERATED_ACCURACY
+    assert scores["closed_accuracy_scored"] >= MIN_SCORED_ACCURACY
+    assert scores["true_findings"] and scores["findings_recall"] > 0  # the report reads a lesion from the image
+    assert scores["normal_cases_with_hallucinated_lesion"] == 0
 
 
 def test_mentioned_lesions_reads_findings_lines():

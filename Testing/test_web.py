@@ -371,7 +371,7 @@ def _drive(page, url: str, image: Path) -> None:
     _wait_for_change(page, "Red", hidden)
 
     # the report streams in beside the views and can be downloaded; the embedded demo model says what it is
-    assert "do not follow the findings" in page.inner_text("#report-demo-note")
+    assert "misses most findings" in page.inner_text("#report-demo-note")
     page.click("#report-button")
     page.wait_for_selector("#report-downloads", timeout=180_000)
     text = page.inner_text("#report-text").strip()

@@ -11,8 +11,9 @@ from TextSegLib.options import Device, check_model_and_device, check_server
 Precision = Literal["fp32", "bf16", "fp16"]
 
 # Display name -> voxtext VLM name; any other model is a local folder or an hf:// URI.
-# The embedded model is a plumbing demo: its reports do not follow the image's findings (see its model card).
-NAMED_MODELS: dict[str, str] = {"Embedded demo (phantoms, does not read findings)": "default",
+# The embedded model is a phantom-trained demo: it finds about half of the liver lesions and no kidney lesion
+# (see its model card).
+NAMED_MODELS: dict[str, str] = {"Embedded demo (phantoms only, misses most findings)": "default",
                                 "Med3DVLM (GPU)": "med3dvlm"}
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp16")
 _CHOICE_SEPARATORS = re.compile(r"[,;\n|]")

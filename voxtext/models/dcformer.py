@@ -193,11 +193,15 @@ class DCFormer(nn.Module):
             features.append(x)
         return features
 
+    def spatial(self, feature: torch.Tensor) -> torch.Tensor:
+        """A stage output ``(B, C, D', H', W')`` with its axes in the input's order."""
+        if self.config.permute_input:
+            return feature.permute(0, 1, 4, 2, 3)  # internal (H',W',D') back to (D',H',W')
+        return feature
+
     def tokens(self, feature: torch.Tensor) -> torch.Tensor:
         """A stage output as tokens ``(B, D'*H'*W', C)``, index ``d*H'*W' + h*W' + w`` over the input's axis order."""
-        if self.config.permute_input:
-            feature = feature.permute(0, 1, 4, 2, 3)  # internal (H',W',D') back to (D',H',W')
-        return feature.flatten(2).transpose(1, 2)
+        return self.spatial(feature).flatten(2).transpose(1, 2)
 
 
 # Where the reference's files keep the DCFormer tensors: pretrained_ViT.bin (bare), a DCFormer_SigLIP

@@ -2,7 +2,9 @@
 
 ``python -m voxtext.training.default_vlm --out runs/vlm-default`` retrains it from scratch on CPU
 (deterministic seeds: phantoms 0..N-1 for training, 100000+ for evaluation), evaluates it and writes
-``eval.json``; the model card records the figures of the shipped run.
+``eval.json``; the model card records the figures of the shipped run. Two stages: the vision tower learns
+the phantoms' label maps (:mod:`voxtext.training.vision_pretrain`, fresh phantoms every step), then, with
+the tower frozen, the projector and the language model learn the reports and Q/A pairs.
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ from pathlib import Path
 
 import torch
 
+from ..models.dcformer import DCFormer
+from ..models.med3dvlm import Med3DVLMConfig
+from ..models.state_dict import read_state_dict, with_prefix
 from ..phantom import generate_phantom
-from ..report import Reporter
+from ..report import Reporter, vision_config_of
 from ..volume import Volume
 from .train_vlm import ModelSize, Stage, train
+from .vision_pretrain import pretrain_vision_tower
 from .vlm_data import phantom_cases, phantom_lesions
 
 HELD_OUT_SEED = 100_000
+SOFT_TISSUE_WINDOW = (-150.0, 250.0)  # HU: cysts, tumours and organs apart; a stone (> 250 HU) stays brightest
 # How voxtext.phantom.write_report words each lesion type.
 KIND_WORDS = {"cyst": "simple cyst", "tumor": "solid mass", "stone": "calculus"}
 ORGANS = ("liver", "spleen", "pancreas", "right kidney", "left kidney")
@@ -88,8 +95,12 @@ def evaluate(reporter: Reporter, seeds: Iterable[int], lesions: float = 0.5, pri
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Retrain and evaluate the embedded default VLM from scratch.")
     parser.add_argument("--out", default="runs/vlm-default")
-    parser.add_argument("--cases", type=int, default=400, help="training phantoms")
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--cases", type=int, default=1600, help="training phantoms")
+    parser.add_argument("--vision-steps", type=int, default=2500, help="stage 0: dense vision-tower pretraining")
+    parser.add_argument("--steps", type=int, default=2400, help="stage 1: projector + LM, vision tower frozen")
+    parser.add_argument("--vision-tower", metavar="BIN", default=None,
+                        help="skip stage 0: start stage 1 from this pretrained tower (an earlier run's "
+                             "model/vision_tower.bin)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-cases", type=int, default=40, help="held-out phantoms (a quarter without lesions)")
     parser.add_argument("--threads", type=int, default=2)
@@ -97,14 +108,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="only evaluate this model folder (e.g. voxtext/weights/vlm-default), no training")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out, size, t0 = Path(args.out), ModelSize(), time.time()
+    out, size, t0 = Path(args.out), ModelSize(image_window=SOFT_TISSUE_WINDOW), time.time()
     out.mkdir(parents=True, exist_ok=True)
     scores: dict = {}
     if args.evaluate:
         folder = Path(args.evaluate)
     else:
+        tower = DCFormer(vision_config_of(Med3DVLMConfig(vision_variant=size.vision_variant)))
+        if args.vision_tower:
+            tower.load_state_dict(with_prefix(read_state_dict(args.vision_tower), "vision_tower."), strict=True)
+        else:
+            vision_losses = pretrain_vision_tower(tower, size.image_size, size.image_window, args.vision_steps,
+                                                  log=out / "vision_metrics.csv")
+            scores |= {"vision_seconds": round(time.time() - t0, 1), "vision_final_loss": vision_losses[-1]}
         cases = phantom_cases(range(args.cases), size.image_size, size.image_window)
-        folder, losses = train(cases, out, size, [Stage("full", args.steps, args.lr)])
+        folder, losses = train(cases, out, size, [Stage("language", args.steps, args.lr)],
+                               vision_weights=tower.state_dict())
         scores |= {"train_seconds": round(time.time() - t0, 1), "final_loss": losses[-1]}
     t_eval = time.time()
     reporter = Reporter(folder, device="cpu")

@@ -90,7 +90,7 @@ def build_model(size: ModelSize, tokenizer: PreTrainedTokenizerBase) -> Med3DVLM
 
 @dataclass
 class Stage:
-    name: str  # "projector" or "full"
+    name: str  # "projector", "language" or "full" (see set_trainable)
     steps: int
     lr: float
 
@@ -99,16 +99,20 @@ class Stage:
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FULLY_TRAINED_WITH_LORA = ("vision_tower", "mm_projector", "embed_tokens", "lm_head")
 LAST_DIR, LORA_WEIGHTS = "last", "model_with_lora.safetensors"
+STAGES = ("projector", "language", "full")
 
 
 def set_trainable(model: torch.nn.Module, stage: str, lora: bool = False) -> list[torch.nn.Parameter]:
-    """Projector stage: projector + input embeddings (as the reference); full: every weight; full with LoRA
-    (the reference's stage 2): the LoRA matrices plus vision tower, projector, input embeddings and lm_head."""
-    if stage not in ("projector", "full"):
-        raise InputError(f"unknown stage {stage!r}: 'projector' or 'full'")
+    """Projector stage: projector + input embeddings (as the reference); language: every weight but the
+    (pretrained) vision tower's; full: every weight; full with LoRA (the reference's stage 2): the LoRA
+    matrices plus vision tower, projector, input embeddings and lm_head."""
+    if stage not in STAGES:
+        raise InputError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
     for name, p in model.named_parameters():
         if stage == "projector":
             p.requires_grad_(".mm_projector." in f".{name}" or ".embed_tokens." in f".{name}")
+        elif stage == "language":
+            p.requires_grad_(".vision_tower." not in f".{name}")
         elif lora:
             p.requires_grad_("lora_" in name or any(f".{m}." in f".{name}" for m in FULLY_TRAINED_WITH_LORA))
         else:
@@ -199,7 +203,7 @@ def fit(
         model.to(device)  # before the optimizer state is loaded: it follows its parameters' device
         params = set_trainable(model, stage.name, lora)
         model.train()
-        if stage.name == "projector":  # the frozen vision tower keeps its BatchNorm statistics
+        if stage.name != "full":  # the frozen vision tower keeps its BatchNorm statistics
             (model.get_base_model() if hasattr(model, "get_base_model") else model).model.vision_tower.eval()
         optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
         start = 0
@@ -271,8 +275,12 @@ def train(
     stop_after: int | None = None,
     log_every: int = 10,
     device: str | torch.device = "cpu",
+    vision_weights: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Path | None, list[float]]:
     """Tokenizer + model from scratch (or resumed from ``out``), trained stage by stage, saved in ``out/model``.
+
+    ``vision_weights`` (a pretrained DCFormer's state dict, e.g. from
+    :func:`voxtext.training.vision_pretrain.pretrain_vision_tower`) initialise a fresh run's vision tower.
 
     Under torchrun every process samples its own batches (seed + rank) and DDP averages the gradients;
     process 0 writes. Returns ``(None, losses)`` when ``stop_after`` interrupted the run.
@@ -304,6 +312,8 @@ def train(
 
         tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
         model = build_model(size, tokenizer)
+        if vision_weights is not None:
+            model.model.vision_tower.vision_tower.load_state_dict(vision_weights, strict=True)
         if dist_info.rank:
             seed_everything(seed + dist_info.rank)  # each process its own batches
         if dist_info.is_main:

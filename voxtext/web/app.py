@@ -199,8 +199,9 @@ class VoxTextWeb:
             v.VSpacer()
             v.VBtn("Generate report", click=self.generate_report, color="primary", size="small",
                    id="report-button", disabled=("!volume_name || !!job_kind",))
-        html.Div("Embedded demo model, trained on phantoms: its reports and answers do not follow the findings "
-                 "in the image (start with --vlm med3dvlm for the published model).", v_if=("report_demo",),
+        html.Div("Embedded demo model, trained on phantoms only: it misses most findings (about half of the "
+                 "liver lesions and no kidney lesion on test phantoms); start with --vlm med3dvlm for the "
+                 "published model.", v_if=("report_demo",),
                  id="report-demo-note", classes="text-caption text-medium-emphasis")
         html.Pre("{{ report_text }}", id="report-text", classes="text-body-2 my-2 pa-2",
                  style="white-space:pre-wrap;font-family:inherit;background:#f4f6f8;border-radius:4px;"

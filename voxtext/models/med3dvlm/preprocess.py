@@ -39,6 +39,27 @@ def prepare_volume(
     ``window`` (e.g. a CT display window in HU) clips the values before the min-max scaling; the
     training JPEGs were already windowed for display, the reference itself does no clipping.
     """
+    image, box = _scaled_and_box(volume, window)
+    return F.interpolate(image[box][None, None], size=size, mode="trilinear", align_corners=False)
+
+
+def prepare_volume_and_labels(
+    volume: Volume, labels: np.ndarray, size: tuple[int, int, int], window: tuple[float, float] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prepare_volume`'s input and a label map on the same voxels: ``(1, 1, *size)`` float32 and
+    ``(*size,)`` int64 (``labels`` on ``volume``'s grid, reoriented and cropped alike, nearest-neighbour resized)."""
+    if labels.shape != volume.array.shape:
+        raise InputError(f"label map shape {labels.shape} differs from the volume's {volume.array.shape}")
+    image, box = _scaled_and_box(volume, window)
+    to_canonical = ornt_transform(io_orientation(volume.affine), _CANONICAL_ORNT)
+    label_map = torch.from_numpy(np.array(_to_zyx(labels, to_canonical), dtype=np.int64))
+    resized = F.interpolate(label_map[box][None, None].float(), size=size, mode="nearest")[0, 0].long()
+    return F.interpolate(image[box][None, None], size=size, mode="trilinear", align_corners=False), resized
+
+
+def _scaled_and_box(volume: Volume | np.ndarray, window: tuple[float, float] | None
+                    ) -> tuple[torch.Tensor, tuple[slice, slice, slice]]:
+    """Canonical voxels windowed and min-max scaled to [0, 1], and the crop of the voxels > 0 (margin 0)."""
     array = canonical_array(volume) if isinstance(volume, Volume) else np.asarray(volume)
     if array.ndim != 3 or min(array.shape) < 1:
         raise InputError(f"expected a 3-D volume, got an array of shape {array.shape}")
@@ -49,6 +70,4 @@ def prepare_volume(
         image = image.clamp(*window)
     image = image - image.min()
     image = image / image.max().clamp_min(1e-8)
-    box = _foreground_box(image, 0)
-    image = image[tuple(slice(a, b) for a, b in box)]
-    return F.interpolate(image[None, None], size=size, mode="trilinear", align_corners=False)
+    return image, tuple(slice(a, b) for a, b in _foreground_box(image, 0))
