@@ -93,7 +93,8 @@ def _reporter(args: argparse.Namespace):
 
     if args.model == "default":
         print("Using the embedded default VLM (voxtext/weights/vlm-default), a demonstration model trained on "
-              "phantoms: its reports and answers do not follow the findings in the image (see its model card). "
+              "phantoms only: it misses most findings (about half of the liver lesions and no kidney lesion on "
+              "test phantoms; see its model card). "
               "Pass --model med3dvlm for the published Med3DVLM.", file=sys.stderr)
     if args.server:
         from .server.client import RemoteReporter
