@@ -24,6 +24,7 @@ from ..models.med3dvlm import prepare_volume_and_labels
 from ..phantom import LABELS, generate_phantom
 from ..volume import Volume
 from .seg_trainer import append_metrics
+from .train_vlm import stage_tokens
 from .vlm_data import phantom_lesions
 
 ORGAN_LABELS = tuple(v for v in LABELS.values() if v < 20)
@@ -63,13 +64,12 @@ class DenseHeads(nn.Module):
 
     def __init__(self, tower: DCFormer, image_size: Sequence[int], width: int = 48) -> None:
         super().__init__()
-        self.tower = tower
-        with torch.no_grad():
-            features = tower.eval()(torch.zeros(1, 1, *image_size))
-        self.lateral = nn.ModuleList(nn.Conv3d(c, width, 1) for c in tower.config.channels)
+        self.tower, channels = tower, tower.config.channels
+        self.lateral = nn.ModuleList(nn.Conv3d(c, width, 1) for c in channels)
         self.cells = nn.Sequential(nn.Conv3d(width, width, 3, padding=1), nn.GELU(),
                                    nn.Conv3d(width, len(ORGAN_LABELS + LESION_LABELS), 1))
-        self.presence = nn.Linear(features[3][0].numel() + features[4][0].numel(), len(LESION_LABELS))
+        token_features = sum(stage_tokens(image_size, i) * channels[i] for i in (3, 4))
+        self.presence = nn.Linear(token_features, len(LESION_LABELS))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grids = [self.tower.spatial(f) for f in self.tower(images)]  # (B, C, D', H', W') per stage

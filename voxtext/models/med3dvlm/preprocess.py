@@ -26,7 +26,11 @@ IMAGE_SIZE = (128, 256, 256)  # (D, H, W) the published weights need (projector 
 
 def canonical_array(volume: Volume) -> np.ndarray:
     """The voxels reoriented to the canonical ``(D, H, W)`` order (a view; see the module docstring)."""
-    return _to_zyx(volume.array, ornt_transform(io_orientation(volume.affine), _CANONICAL_ORNT))
+    return _canonical(volume.array, volume.affine)
+
+
+def _canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    return _to_zyx(array, ornt_transform(io_orientation(affine), _CANONICAL_ORNT))
 
 
 def prepare_volume(
@@ -51,8 +55,7 @@ def prepare_volume_and_labels(
     if labels.shape != volume.array.shape:
         raise InputError(f"label map shape {labels.shape} differs from the volume's {volume.array.shape}")
     image, box = _scaled_and_box(volume, window)
-    to_canonical = ornt_transform(io_orientation(volume.affine), _CANONICAL_ORNT)
-    label_map = torch.from_numpy(np.array(_to_zyx(labels, to_canonical), dtype=np.int64))
+    label_map = torch.from_numpy(np.array(_canonical(labels, volume.affine), dtype=np.int64))
     resized = F.interpolate(label_map[box][None, None].float(), size=size, mode="nearest")[0, 0].long()
     return F.interpolate(image[box][None, None], size=size, mode="trilinear", align_corners=False), resized
 
