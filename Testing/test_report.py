@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import random
+import re
 import shutil
 
 import numpy as np
@@ -19,7 +21,7 @@ from voxtext.models.med3dvlm.model import read_config
 from voxtext.phantom import generate_phantom
 from voxtext.report import Reporter, format_choice_answer, format_question, parse_choice, resolve_vlm, vision_config_of
 from voxtext.training.default_vlm import HELD_OUT_SEED, evaluate, mentioned_lesions
-from voxtext.training.vlm_data import folder_cases, qa_pairs
+from voxtext.training.vlm_data import folder_cases, questions
 from voxtext.volume import Volume
 
 # Shipped model on 80 held-out closed questions (model card): 0.79 generated, 0.85 scored; chance is 0.25.
@@ -183,8 +185,27 @@ def test_m3d_layout_is_read(tmp_path):
     cases = folder_cases(tmp_path, (32, 32, 32), None)
     assert len(cases) == 2 and all(c.image.shape == (1, 32, 32, 32) for c in cases)
     assert cases[0].report.startswith("TECHNIQUE:")
-    assert [c.questions for c in cases] == [qa_pairs([item]) for item in closed_items]
-    assert cases[0].questions[0][1] == f"{closed_items[0]['answer_choice']}. {closed_items[0]['answer']}"
+    assert [c.questions for c in cases] == [questions([item]) for item in closed_items]
+    assert cases[0].questions[0].pair()[1] == f"{closed_items[0]['answer_choice']}. {closed_items[0]['answer']}"
+
+
+def test_closed_questions_are_reshuffled_with_their_letters():
+    """Every draw may order the choices anew; the target letter always names the right option in that prompt."""
+    question = questions([{"question": "Is there a kidney stone?", "answer": "no", "answer_choice": "C",
+                           "choices": ["yes", "uncertain", "no", "not assessable"]}])[0]
+    assert question.pair() == ("Is there a kidney stone? Choices: A. yes B. uncertain C. no D. not assessable",
+                               "C. no")
+    random.seed(0)
+    letters = set()
+    for _ in range(40):
+        prompt, target = question.pair(shuffle=True)
+        shown = dict(re.findall(r"([A-D])\. (.+?)(?= [A-D]\. |$)", prompt.split(" Choices: ")[1]))
+        options = [shown[letter] for letter in "ABCD"]
+        assert sorted(options) == sorted(question.choices)
+        assert parse_choice(target, options) == options.index("no")
+        letters.add(target[0])
+    assert letters == set("ABCD")
+    assert questions([{"question": "Where?", "answer": "liver"}])[0].pair(shuffle=True) == ("Where?", "liver")
 
 
 def test_downloaded_vlm_is_locked_and_verified(tmp_path, monkeypatch):

@@ -95,9 +95,9 @@ def evaluate(reporter: Reporter, seeds: Iterable[int], lesions: float = 0.5, pri
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Retrain and evaluate the embedded default VLM from scratch.")
     parser.add_argument("--out", default="runs/vlm-default")
-    parser.add_argument("--cases", type=int, default=1600, help="training phantoms")
+    parser.add_argument("--cases", type=int, default=3200, help="training phantoms")
     parser.add_argument("--vision-steps", type=int, default=2500, help="stage 0: dense vision-tower pretraining")
-    parser.add_argument("--steps", type=int, default=2400, help="stage 1: projector + LM, vision tower frozen")
+    parser.add_argument("--steps", type=int, default=4800, help="stage 1: projector + LM, vision tower frozen")
     parser.add_argument("--vision-tower", metavar="BIN", default=None,
                         help="skip stage 0: start stage 1 from this pretrained tower (an earlier run's "
                              "model/vision_tower.bin)")

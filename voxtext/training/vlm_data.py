@@ -1,8 +1,9 @@
 """Training data of Med3DVLM-class models: cases, their text pairs, a tokenizer and token batches.
 
 Samples follow M3D-Cap / M3D-VQA: captions are ``"<im_patch>"*N + prompt`` -> ``" " + report``,
-closed questions ``" " + question + " Choices: A. .. B. .."`` -> ``"B. no"``, open questions the
-answer text; the loss covers the answer and the EOS token only.
+closed questions ``" " + question + " Choices: A. .. B. .."`` -> ``"B. no"`` (the choices in a fresh order at
+every draw, so the letter has to be read from the prompt), open questions the answer text; the loss covers the
+answer and the EOS token only.
 
 Data folders (``voxtext train-vlm --data DIR``):
 
@@ -37,26 +38,45 @@ EOS_TOKEN = "<|endoftext|>"
 CAPTION_PROMPTS = (REPORT_PROMPT, "Describe the findings of this CT scan.", "Write the radiology report of this scan.")
 
 
+@dataclass(frozen=True)
+class Question:
+    """A Q/A record; closed when it has ``choices`` (``answer`` is then one of them)."""
+
+    text: str
+    answer: str
+    choices: tuple[str, ...] = ()
+
+    def pair(self, shuffle: bool = False) -> tuple[str, str]:
+        """(prompt, target answer); with ``shuffle`` a closed question's choices come in a random order.
+
+        Reshuffling at every draw keeps a model from tying each case's answer to a fixed letter: trained with
+        the order fixed per case, the embedded default often named one option under another's letter
+        (``voxtext/weights/vlm-default/README.md``)."""
+        if not self.choices:
+            return self.text, self.answer
+        choices = random.sample(self.choices, len(self.choices)) if shuffle else list(self.choices)
+        return format_question(self.text, choices), format_choice_answer(choices, choices.index(self.answer))
+
+
 @dataclass
 class Case:
     """One training volume (model input, float16 to halve the cache) and its text pairs."""
 
     image: torch.Tensor  # (1, D, H, W)
     report: str | None
-    questions: list[tuple[str, str]] = field(default_factory=list)  # (prompt, answer)
+    questions: list[Question] = field(default_factory=list)
 
 
-def qa_pairs(qa: Iterable[dict]) -> list[tuple[str, str]]:
-    """Phantom/M3D Q/A records -> (question prompt, target answer) pairs."""
-    pairs = []
+def questions(qa: Iterable[dict]) -> list[Question]:
+    """Phantom/M3D Q/A records (closed ones with ``choices`` and ``answer_choice``, a letter) -> questions."""
+    out = []
     for item in qa:
-        choices = item.get("choices")
+        choices = tuple(item.get("choices") or ())
         if choices:
-            answer = format_choice_answer(choices, LETTERS.index(item["answer_choice"]))
-            pairs.append((format_question(item["question"], choices), answer))
+            out.append(Question(item["question"], choices[LETTERS.index(item["answer_choice"])], choices))
         else:
-            pairs.append((item["question"], str(item["answer"])))
-    return pairs
+            out.append(Question(item["question"], str(item["answer"])))
+    return out
 
 
 def phantom_lesions(seed: int) -> float:
@@ -70,7 +90,7 @@ def phantom_cases(seeds: Iterable[int], size: Sequence[int], window: Sequence[fl
     for seed in seeds:
         ph = generate_phantom(seed, shape=tuple(size[::-1]), lesions=phantom_lesions(seed))
         image = prepare_volume(Volume(ph.image, ph.affine, "CT"), tuple(size), window)[0].half()
-        cases.append(Case(image, ph.report, qa_pairs(ph.qa)))
+        cases.append(Case(image, ph.report, questions(ph.qa)))
     return cases
 
 
@@ -99,7 +119,7 @@ def folder_cases(root: Path, size: Sequence[int], window: Sequence[float] | None
                 item = {"question": row["Question"], "answer": row["Answer"]}
                 if choices and row.get("Answer Choice"):
                     item |= {"choices": choices, "answer_choice": row["Answer Choice"].strip()}
-                case(row["Image Path"]).questions += qa_pairs([item])
+                case(row["Image Path"]).questions += questions([item])
     if not by_path:
         raise InputError(f"{root} holds neither captions.json nor vqa.csv (see voxtext.training.vlm_data)")
     return list(by_path.values())
@@ -109,9 +129,8 @@ def corpus(cases: Iterable[Case]) -> Iterator[str]:
     for case in cases:
         if case.report:
             yield case.report
-        for question, answer in case.questions:
-            yield question
-            yield answer
+        for question in case.questions:
+            yield from question.pair()
     yield from CAPTION_PROMPTS
 
 
@@ -131,7 +150,8 @@ def sample_batches(
     cases: Sequence[Case], tokenizer: PreTrainedTokenizerBase, num_image_tokens: int, batch_size: int,
     caption_ratio: float = 0.5, max_length: int = 512,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless random batches: a report with probability ``caption_ratio`` (when the case has one), else a Q/A."""
+    """Endless random batches: a report with probability ``caption_ratio`` (when the case has one), else a Q/A
+    (closed questions with their choices reshuffled)."""
     while True:
         chosen = random.choices(cases, k=batch_size)
         pairs = []
@@ -139,7 +159,7 @@ def sample_batches(
             if case.report and (not case.questions or random.random() < caption_ratio):
                 pairs.append((random.choice(CAPTION_PROMPTS), "", case.report))
             else:
-                question, answer = random.choice(case.questions)
+                question, answer = random.choice(case.questions).pair(shuffle=True)
                 pairs.append((question, " ", answer))
         batch = encode_answers(tokenizer, pairs, num_image_tokens, max_length)
         batch["images"] = torch.stack([c.image for c in chosen]).float()
