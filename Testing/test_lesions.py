@@ -15,7 +15,8 @@ from voxtext import Segmenter, Volume
 from voxtext.cli import main
 from voxtext.checkpoints import PACKAGE_WEIGHTS
 from voxtext.errors import CheckpointError
-from voxtext.lesions import LESION_FOLDER, ORGAN_DILATION_MM, ROUTING_FILE, LesionRouting, LesionTarget, keep_confident
+from voxtext.lesions import (LESION_FOLDER, ORGAN_DILATION_MM, ROUTING_FILE, ComponentRule, LesionRouting, LesionTarget,
+                             apply_rule, measure_components)
 from voxtext.preprocess import PreprocessConfig, prepare_with_labels
 from voxtext.training.default_model import acquired_phantom
 from voxtext.training.lesion_model import (LESION_SPACING_MM, LESION_VALUES, ORGAN_TARGETS, best_rule, lesion_case,
@@ -114,32 +115,70 @@ def test_components_below_the_calibrated_volume_or_confidence_are_dropped():
     probability[2:8, 2:8, 2:8] = 0.95  # 216 voxels, confident
     probability[12:14, 12:14, 12:14] = 0.95  # 8 voxels, confident
     probability[12:18, 2:8, 2:8] = 0.6  # 216 voxels, hesitant
-    target = LesionTarget(("liver cyst",), ("liver",), min_volume_ml=0.1, min_confidence=0.7)
-    kept = keep_confident(probability, 0.5, target, voxel_ml=0.001)
+    kept = apply_rule(probability, 0.5, ComponentRule(min_volume_ml=0.1, min_confidence=0.7), voxel_ml=0.001)
     assert kept[2:8, 2:8, 2:8].min() == pytest.approx(0.95)
     assert not kept[12:14, 12:14, 12:14].any() and not kept[12:18, 2:8, 2:8].any()
-    assert keep_confident(probability, 0.5, LesionTarget(("liver cyst",), ("liver",)), 0.001) is probability
+    assert apply_rule(probability, 0.5, ComponentRule(), 0.001) is probability
+
+
+def test_attenuation_rule_keeps_water_dense_cysts_and_drops_blobs_like_their_organ():
+    hu = np.full((20, 20, 20), -100.0, np.float32)  # fat
+    organ = np.zeros(hu.shape, bool)
+    organ[1:19, 1:19, 1:19] = True
+    hu[organ] = 60.0  # liver parenchyma
+    hu[2:8, 2:8, 2:8] = 5.0  # a cyst
+    hu[12:18, 12:18, 12:18] = 90.0  # a denser lesion (contrast 30)
+    probability = np.zeros(hu.shape, np.float32)
+    probability[2:8, 2:8, 2:8] = probability[12:18, 12:18, 12:18] = 0.9
+    probability[12:18, 2:8, 2:8] = 0.9  # a confident blob of parenchyma
+    found = measure_components(probability, 0.5, 0.001, hu, organ)
+    order = np.argsort(found.median_hu)
+    assert found.median_hu[order].tolist() == [5.0, 60.0, 90.0]
+    assert found.contrast_hu[order].tolist() == [-55.0, 0.0, 30.0]  # against the rest of the organ (60 HU)
+
+    cyst = apply_rule(probability, 0.5, ComponentRule(max_hu=20.0), 0.001, hu, organ)
+    assert cyst[2:8, 2:8, 2:8].all() and not cyst[12:18].any()
+    solid = apply_rule(probability, 0.5, ComponentRule(min_hu=20.0, min_contrast_hu=10.0), 0.001, hu, organ)
+    assert solid[12:18, 12:18, 12:18].all() and not solid[2:8].any() and not solid[12:18, 2:8, 2:8].any()
+    # Without an attenuation (MR) the criteria do not apply.
+    assert (apply_rule(probability, 0.5, ComponentRule(max_hu=20.0), 0.001) == probability).all()
+
+
+def _row(present: bool, truth_ml: float, components: list[tuple[float, float, float, float, float]]) -> dict:
+    """A calibration row: per component volume, mean probability, volume on the truth, median HU, contrast."""
+    columns = ("volume_ml", "confidence", "hit_ml", "median_hu", "contrast_hu")
+    return {"present": present, "truth_ml": truth_ml, **{c: [x[i] for x in components] for i, c in enumerate(columns)}}
 
 
 def test_calibration_rule_scores_dice_plus_empty_answers_by_hand():
     # One present lesion (2 mL; a 1.8 mL component, 1.6 mL on it, and a 0.2 mL hesitant one), one absent
     # (a 1.5 mL hesitant false alarm).
-    rows = [{"present": True, "truth_ml": 2.0, "components": [(1.8, 0.9, 1.6), (0.2, 0.55, 0.0)]},
-            {"present": False, "truth_ml": 0.0, "components": [(1.5, 0.62, 0.0)]}]
-    assert rule_score(rows, 0.0, 0.0) == pytest.approx(2 * 1.6 / 4.0 + 0.0)
-    assert rule_score(rows, 0.0, 0.7) == pytest.approx(2 * 1.6 / 3.8 + 1.0)
-    assert rule_score(rows, 5.0, 0.0) == pytest.approx(0.0 + 1.0)
-    assert best_rule(rows) == (0.0, 0.65)  # the mildest rule that drops both hesitant components
+    rows = [_row(True, 2.0, [(1.8, 0.9, 1.6, 5.0, -60.0), (0.2, 0.55, 0.0, 60.0, 0.0)]),
+            _row(False, 0.0, [(1.5, 0.62, 0.0, 8.0, -50.0)])]
+    assert rule_score(rows, ComponentRule()) == pytest.approx(2 * 1.6 / 4.0 + 0.0)
+    assert rule_score(rows, ComponentRule(min_confidence=0.7)) == pytest.approx(2 * 1.6 / 3.8 + 1.0)
+    assert rule_score(rows, ComponentRule(min_volume_ml=5.0)) == pytest.approx(0.0 + 1.0)
+    assert rule_score(rows, ComponentRule(min_contrast_hu=10.0)) == pytest.approx(2 * 1.6 / 3.8 + 0.0)
+    assert best_rule(rows) == ComponentRule(0.0, 0.65)  # the mildest rule that drops both hesitant components
 
 
-def test_calibrated_rule_in_the_routing_file_reaches_the_masks(tmp_path, segmenter):
-    volume, _ = acquired_phantom(SEED)
+def test_calibration_chooses_an_attenuation_rule_where_only_attenuation_separates():
+    # A tumour prompt: equally confident on the tumour (90 HU) and on a cyst (5 HU) in another liver.
+    rows = [_row(True, 2.0, [(2.0, 0.9, 1.8, 90.0, 30.0)]), _row(False, 0.0, [(3.0, 0.9, 0.0, 5.0, -55.0)])]
+    rule = best_rule(rows)
+    assert rule_score(rows, rule) == pytest.approx(2 * 1.8 / 4.0 + 1.0)
+    assert rule == ComponentRule(min_hu=20.0)  # the mildest of the rules that reach that
+
+
+@pytest.mark.parametrize("rule", [ComponentRule(min_volume_ml=1000.0), ComponentRule(max_hu=-500.0)],
+                         ids=["volume", "attenuation"])
+def test_calibrated_rule_in_the_routing_file_reaches_the_masks(tmp_path, segmenter, rule):
+    volume, _ = acquired_phantom(SEED)  # CT: the attenuation rule sees the cyst's HU (none is below -500)
     folder = tmp_path / "model"
     shutil.copytree(PACKAGE_WEIGHTS / "esica-default", folder)
     path = folder / LESION_FOLDER / ROUTING_FILE
     routing = LesionRouting.load(path)
-    LesionRouting(tuple(LesionTarget(t.phrasings, t.within, min_volume_ml=1000.0) for t in routing.lesions),
-                  routing.other_phrasings).save(path)
+    LesionRouting(tuple(replace(t, rule=rule) for t in routing.lesions), routing.other_phrasings).save(path)
     assert segmenter.segment(volume, ["liver cyst"], quality="fast").mask("liver cyst").any()
     assert not Segmenter(folder, device="cpu").segment(volume, ["liver cyst"], quality="fast").masks.any()
 
@@ -147,7 +186,8 @@ def test_calibrated_rule_in_the_routing_file_reaches_the_masks(tmp_path, segment
 def test_validation_dice_round_trips_and_a_low_one_is_a_caution(tmp_path):
     path = tmp_path / ROUTING_FILE
     stone = LesionTarget(("kidney stone",), ("left kidney", "right kidney"), validated_cases=9, validated_dsc=0.0)
-    cyst = LesionTarget(("liver cyst",), ("liver",), 0.25, 0.8, validated_cases=14, validated_dsc=0.53)
+    cyst = LesionTarget(("liver cyst",), ("liver",), ComponentRule(0.25, 0.8, max_hu=20.0, min_contrast_hu=10.0),
+                        validated_cases=14, validated_dsc=0.53)
     LesionRouting((stone, cyst, LesionTarget(("liver tumor",), ("liver",))), ("liver",)).save(path)
     loaded = LesionRouting.load(path)
     assert loaded.lesions[:2] == (stone, cyst)

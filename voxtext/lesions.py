@@ -8,8 +8,9 @@ lesion's, so paraphrases ("hepatic mass") are routed as well as the listed names
 the lesion's organ(s); the lesion model is run on the organ's bounding box (plus a margin) at its own grid,
 on an image blanked beyond a few millimetres around the organ mask (dilated: the main model's organ edges are
 coarse), and its answer is kept within the same distance of the organ. Each lesion may carry a calibrated
-minimum volume and confidence (mean probability) of the connected components it keeps, as nnU-Net's
-post-processing: small or hesitant blobs are the usual false alarms for a lesion the organ does not hold.
+rule for the connected components it keeps, as nnU-Net's post-processing: small or hesitant blobs are the usual
+false alarms for a lesion the organ does not hold. On CT the rule may also judge a component's attenuation, as a
+radiologist does: a simple cyst is water (about 0-20 HU), and a lesion differs from the organ around it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import functools
 import json
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +40,91 @@ RELIABLE_DSC = 0.1  # below this validation DSC a lesion target's answers carry 
 
 
 @dataclass(frozen=True)
+class Components:
+    """The connected components (26-neighbourhood) of ``probability > threshold``: ``labels`` numbers them
+    1..n, the arrays hold one value per component. The attenuation is measured on CT only (else ``None``):
+    the median HU of each component and its difference from the median of the rest of its organ."""
+
+    labels: np.ndarray
+    volume_ml: np.ndarray
+    confidence: np.ndarray  # mean probability
+    median_hu: np.ndarray | None = None
+    contrast_hu: np.ndarray | None = None
+
+
+def measure_components(
+    probability: np.ndarray,
+    threshold: float,
+    voxel_ml: float,
+    hu: np.ndarray | None = None,
+    organ: np.ndarray | None = None,
+) -> Components:
+    """The components of ``probability > threshold``; their attenuation when ``hu`` (the CT image, same grid)
+    and ``organ`` (bool, the organ the lesion lies in) are given."""
+    labels, n = ndimage.label(probability > threshold, structure=np.ones((3, 3, 3)))
+    index = np.arange(1, n + 1)
+    volume_ml = np.bincount(labels.ravel(), minlength=n + 1)[1:] * voxel_ml
+    confidence = np.asarray(ndimage.mean(probability, labels, index), np.float64).reshape(n)
+    if hu is None or organ is None:
+        return Components(labels, volume_ml, confidence)
+    inside = labels > 0
+    median = np.asarray(ndimage.median(hu[inside], labels[inside], index) if n else [], np.float64).reshape(n)
+    rest = organ & ~inside
+    reference = float(np.median(hu[rest])) if rest.any() else np.nan
+    return Components(labels, volume_ml, confidence, median, median - reference)
+
+
+@dataclass(frozen=True)
+class ComponentRule:
+    """Which components of a lesion answer are kept (calibrated on validation phantoms; the default keeps all).
+    The attenuation criteria apply to CT only and are ignored where no attenuation was measured."""
+
+    min_volume_ml: float = 0.0
+    min_confidence: float = 0.0  # mean probability
+    max_hu: float | None = None  # median attenuation at most this (cysts: water)
+    min_hu: float | None = None  # ... at least this (solid lesions)
+    min_contrast_hu: float = 0.0  # |median - the organ's median| at least this: a lesion differs from its organ
+
+    def __post_init__(self) -> None:
+        if self.min_volume_ml < 0 or not 0 <= self.min_confidence < 1 or self.min_contrast_hu < 0:
+            raise ValueError(f"invalid component rule {self}: volume and contrast must be >= 0, confidence in [0, 1)")
+
+    @property
+    def keeps_all(self) -> bool:
+        return self == ComponentRule()
+
+    @property
+    def uses_attenuation(self) -> bool:
+        return self.max_hu is not None or self.min_hu is not None or self.min_contrast_hu > 0
+
+    def keeps(self, volume_ml: np.ndarray, confidence: np.ndarray, median_hu: np.ndarray | None = None,
+              contrast_hu: np.ndarray | None = None) -> np.ndarray:
+        """Which components (one value per component in each array) the rule keeps."""
+        keep = (np.asarray(volume_ml) >= self.min_volume_ml) & (np.asarray(confidence) >= self.min_confidence)
+        if median_hu is not None and contrast_hu is not None:
+            median_hu = np.asarray(median_hu)
+            if self.max_hu is not None:
+                keep &= median_hu <= self.max_hu
+            if self.min_hu is not None:
+                keep &= median_hu >= self.min_hu
+            keep &= np.abs(np.asarray(contrast_hu)) >= self.min_contrast_hu
+        return keep
+
+    def describe(self) -> str:
+        parts = [f"volume >= {self.min_volume_ml} mL", f"mean probability >= {self.min_confidence}"]
+        parts += [f"median <= {self.max_hu} HU"] if self.max_hu is not None else []
+        parts += [f"median >= {self.min_hu} HU"] if self.min_hu is not None else []
+        parts += [f"contrast to the organ >= {self.min_contrast_hu} HU"] if self.min_contrast_hu else []
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class LesionTarget:
-    """A lesion the lesion stage answers: its phrasings and the organ(s) it lies in."""
+    """A lesion the lesion stage answers: its phrasings, the organ(s) it lies in and its component rule."""
 
     phrasings: tuple[str, ...]
     within: tuple[str, ...]
-    min_volume_ml: float = 0.0  # connected components smaller than this are dropped ...
-    min_confidence: float = 0.0  # ... as are those whose mean probability is lower
+    rule: ComponentRule = ComponentRule()
     # Measured by the calibration: validation phantoms holding this lesion, and the mean DSC of the kept answer.
     validated_cases: int = 0
     validated_dsc: float | None = None
@@ -59,15 +138,15 @@ class LesionTarget:
                 f"{self.validated_dsc:.2f} over {self.validated_cases}): an empty mask does not rule one out")
 
     def to_dict(self) -> dict:
-        return {"phrasings": list(self.phrasings), "within": list(self.within),
-                "min_volume_ml": self.min_volume_ml, "min_confidence": self.min_confidence,
+        return {"phrasings": list(self.phrasings), "within": list(self.within), **asdict(self.rule),
                 "validated_cases": self.validated_cases, "validated_dsc": self.validated_dsc}
 
     @classmethod
     def from_dict(cls, data: dict) -> LesionTarget:
         dsc = data.get("validated_dsc")
-        return cls(tuple(data["phrasings"]), tuple(data["within"]), float(data.get("min_volume_ml", 0.0)),
-                   float(data.get("min_confidence", 0.0)), int(data.get("validated_cases", 0)),
+        rule = ComponentRule(**{f.name: None if data[f.name] is None else float(data[f.name])
+                                for f in fields(ComponentRule) if f.name in data})
+        return cls(tuple(data["phrasings"]), tuple(data["within"]), rule, int(data.get("validated_cases", 0)),
                    None if dsc is None else float(dsc))
 
 
@@ -88,8 +167,6 @@ class LesionRouting:
             raise CheckpointError(f"unreadable lesion routing file {path}: {error}") from error
         if not lesions or any(not t.phrasings or not t.within for t in lesions):
             raise CheckpointError(f"{path} lists no lesions, or a lesion without phrasings or organs")
-        if any(t.min_volume_ml < 0 or not 0 <= t.min_confidence < 1 for t in lesions):
-            raise CheckpointError(f"{path}: min_volume_ml must be >= 0 and min_confidence in [0, 1)")
         return cls(lesions, other)
 
     def save(self, path: Path) -> None:
@@ -158,28 +235,28 @@ class LesionStage:
         logits = self.inferer.logits(torch.from_numpy(image), text, windows, cancel=cancel).float().cpu()
         inside = ndimage.distance_transform_edt(~organ[box], sampling=spacing) <= ORGAN_DILATION_MM
         voxel_ml = float(np.prod(spacing)) / 1000.0
+        hu = volume.array[box].astype(np.float32) if modality == "CT" else None
         for i, target in enumerate(targets):
             probability = restore(prepared, torch.sigmoid(logits[i]), "linear") * inside
-            out[(i, *box)] = keep_confident(probability, threshold, target, voxel_ml)
+            out[(i, *box)] = apply_rule(probability, threshold, target.rule, voxel_ml, hu, organ[box])
         return out
 
 
-def components(probability: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Connected components (26-neighbourhood) of ``probability > threshold``: label array, voxel counts and
-    mean probabilities of components 1..n."""
-    labels, n = ndimage.label(probability > threshold, structure=np.ones((3, 3, 3)))
-    index = np.arange(1, n + 1)
-    return labels, np.bincount(labels.ravel(), minlength=n + 1)[1:], np.asarray(
-        ndimage.mean(probability, labels, index)).reshape(n)
-
-
-def keep_confident(probability: np.ndarray, threshold: float, target: LesionTarget, voxel_ml: float) -> np.ndarray:
-    """``probability`` with the components of ``p > threshold`` that ``target`` rejects set to zero."""
-    if not (target.min_volume_ml or target.min_confidence):
+def apply_rule(
+    probability: np.ndarray,
+    threshold: float,
+    rule: ComponentRule,
+    voxel_ml: float,
+    hu: np.ndarray | None = None,
+    organ: np.ndarray | None = None,
+) -> np.ndarray:
+    """``probability`` with the components of ``p > threshold`` that ``rule`` rejects set to zero; ``hu`` and
+    ``organ`` (see :func:`measure_components`) let it judge their attenuation (pass ``hu`` for CT only)."""
+    if rule.keeps_all:
         return probability
-    labels, counts, means = components(probability, threshold)
-    rejected = 1 + np.flatnonzero((counts * voxel_ml < target.min_volume_ml) | (means < target.min_confidence))
-    return np.where(np.isin(labels, rejected), 0.0, probability).astype(probability.dtype, copy=False)
+    found = measure_components(probability, threshold, voxel_ml, hu if rule.uses_attenuation else None, organ)
+    rejected = 1 + np.flatnonzero(~rule.keeps(found.volume_ml, found.confidence, found.median_hu, found.contrast_hu))
+    return np.where(np.isin(found.labels, rejected), 0.0, probability).astype(probability.dtype, copy=False)
 
 
 def organ_surroundings(image: np.ndarray, organ: np.ndarray, spacing_mm: float, dilation_mm: float) -> np.ndarray:

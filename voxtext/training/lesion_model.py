@@ -11,6 +11,7 @@ minimum volume and confidence of the lesion components it keeps are then calibra
 from __future__ import annotations
 
 import argparse
+import json
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from functools import cache
@@ -22,7 +23,8 @@ import torch
 
 from ..api import Segmenter
 from ..checkpoints import build_esica
-from ..lesions import ROUTING_FILE, LesionRouting, LesionStage, LesionTarget, components, organ_surroundings
+from ..lesions import (ROUTING_FILE, ComponentRule, LesionRouting, LesionStage, LesionTarget, measure_components,
+                       organ_surroundings)
 from ..phantom import LABELS, TARGETS
 from ..preprocess import PreprocessConfig, prepare_with_labels
 from .cases import Target, TrainingCase
@@ -41,6 +43,11 @@ STAGES = (("pretrain", 1e-3, 1e-5, 1.0, 0.0), ("balanced", 3e-4, 1e-6, 0.6, 0.3)
 CALIBRATION_PHANTOM_SEEDS = range(20_000, 20_040)  # neither trained on nor in the held-out figures
 MIN_VOLUMES_ML = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
 MIN_CONFIDENCES = (0.0, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85)
+# Attenuation criteria (CT): a simple cyst is water (about -10 to 20 HU); fat is below, solid lesions and the
+# organs above.
+MAX_HU = (None, 20.0, 30.0, 40.0)
+MIN_HU = (None, -20.0, 20.0, 30.0)
+MIN_CONTRASTS_HU = (0.0, 10.0, 20.0, 30.0)
 
 
 def parent_organs(values: tuple[int, ...]) -> tuple[str, ...]:
@@ -103,7 +110,7 @@ def write_routing(folder: Path) -> None:
 
 def unfiltered(routing: LesionRouting) -> LesionRouting:
     """``routing`` with every lesion's component rule off."""
-    return replace(routing, lesions=tuple(replace(t, min_volume_ml=0.0, min_confidence=0.0) for t in routing.lesions))
+    return replace(routing, lesions=tuple(replace(t, rule=ComponentRule()) for t in routing.lesions))
 
 
 @cache
@@ -117,63 +124,86 @@ def _segmenter(lesion_folder: Path) -> Segmenter:
 
 def component_table(lesion_folder: Path, seed: int) -> list[dict]:
     """For one validation phantom and each lesion target: is it present, its true volume, and the components
-    of the lesion stage's answer (volume, mean probability, volume overlapping the truth), unfiltered."""
+    of the lesion stage's answer, unfiltered: volume, mean probability, volume on the truth, median HU and
+    contrast to the (main model's) organ, as :func:`voxtext.lesions.measure_components` measures them."""
     volume, case = acquired_phantom(seed)
     present = {t[0][0] for t in case.targets}
+    organs = sorted({o for t in LESION_TARGETS for o in t.within})
     names = [t.phrasings[0] for t in LESION_TARGETS]
-    result = _segmenter(lesion_folder).segment(volume, names, quality="fast", return_probabilities=True)
-    voxel_ml, rows = result.voxel_volume_ml, []
-    for name, probability in zip(names, result.probabilities):
+    result = _segmenter(lesion_folder).segment(volume, names + organs, quality="fast", return_probabilities=True)
+    hu, rows = volume.array.astype(np.float32), []
+    for target, probability in zip(LESION_TARGETS, result.probabilities):
+        name = target.phrasings[0]
         truth = case.target_mask(name) if name in present else np.zeros(probability.shape, bool)
-        labels, counts, means = components(probability, 0.5)
-        hits = np.bincount(labels[truth], minlength=len(counts) + 1)[1:]
-        rows.append({"target": name, "present": name in present, "truth_ml": float(truth.sum()) * voxel_ml,
-                     "components": [(float(c) * voxel_ml, float(m), float(h) * voxel_ml)
-                                    for c, m, h in zip(counts, means, hits)]})
+        organ = np.logical_or.reduce([result.mask(o) for o in target.within])
+        found = measure_components(probability, 0.5, result.voxel_volume_ml, hu, organ)
+        hits = np.bincount(found.labels[truth], minlength=len(found.volume_ml) + 1)[1:] * result.voxel_volume_ml
+        rows.append({"target": name, "present": name in present, "truth_ml": float(truth.sum()) * result.voxel_volume_ml,
+                     "volume_ml": found.volume_ml.tolist(), "confidence": found.confidence.tolist(),
+                     "hit_ml": hits.tolist(), "median_hu": found.median_hu.tolist(),
+                     "contrast_hu": found.contrast_hu.tolist()})
     return rows
 
 
-def rule_outcomes(rows: list[dict], min_volume_ml: float, min_confidence: float) -> tuple[list[float], list[bool]]:
+def rule_outcomes(rows: list[dict], rule: ComponentRule) -> tuple[list[float], list[bool]]:
     """Under a component rule: the DSC of each row whose lesion is present, and for each other row whether the
     answer is (near-)empty."""
     dice, empty = [], []
     for row in rows:
-        kept = [(v, h) for v, m, h in row["components"] if v >= min_volume_ml and m >= min_confidence]
-        volume = sum(v for v, _ in kept)
+        keep = rule.keeps(row["volume_ml"], row["confidence"], row.get("median_hu"), row.get("contrast_hu"))
+        volume = float(np.sum(np.asarray(row["volume_ml"])[keep]))
         if row["present"]:
-            dice.append(2 * sum(h for _, h in kept) / max(volume + row["truth_ml"], 1e-9))
+            hit = float(np.sum(np.asarray(row["hit_ml"])[keep]))
+            dice.append(2 * hit / max(volume + row["truth_ml"], 1e-9))
         else:
             empty.append(volume < NEAR_EMPTY_ML)
     return dice, empty
 
 
-def rule_score(rows: list[dict], min_volume_ml: float, min_confidence: float) -> float:
+def rule_score(rows: list[dict], rule: ComponentRule) -> float:
     """Mean DSC where the lesion is present plus the share of absent cases answered (near-)empty."""
-    dice, empty = rule_outcomes(rows, min_volume_ml, min_confidence)
+    dice, empty = rule_outcomes(rows, rule)
     return float(np.mean(dice) if dice else 0.0) + float(np.mean(empty) if empty else 0.0)
 
 
-def best_rule(rows: list[dict]) -> tuple[float, float]:
-    """The (minimum volume, minimum confidence) of the grid with the highest :func:`rule_score` on ``rows``; the
-    mildest among equals."""
-    return max(product(MIN_VOLUMES_ML, MIN_CONFIDENCES),
-               key=lambda rule: (round(rule_score(rows, *rule), 6), -sum(rule)))
+def candidate_rules() -> list[ComponentRule]:
+    """The grid the calibration searches, mildest first (fewest attenuation criteria, then lowest thresholds):
+    :func:`best_rule` keeps the first of equals."""
+    grid = [ComponentRule(volume, confidence, max_hu, min_hu, contrast) for volume, confidence, max_hu, min_hu, contrast
+            in product(MIN_VOLUMES_ML, MIN_CONFIDENCES, MAX_HU, MIN_HU, MIN_CONTRASTS_HU)
+            if max_hu is None or min_hu is None or min_hu < max_hu]
+    return sorted(grid, key=lambda r: ((r.max_hu is not None) + (r.min_hu is not None) + (r.min_contrast_hu > 0),
+                                       r.min_volume_ml + r.min_confidence, r.min_contrast_hu))
 
 
-def calibrate(lesion_folder: Path, seeds: range = CALIBRATION_PHANTOM_SEEDS, workers: int = 2) -> list[LesionTarget]:
-    """Choose each lesion target's minimum component volume and confidence on validation phantoms (the
-    highest :func:`rule_score`, the mildest rule among equals) and write them into the routing file, with the
-    mean DSC the chosen rule reaches on the phantoms that hold the lesion (a low one is a caution to users)."""
+def best_rule(rows: list[dict]) -> ComponentRule:
+    """The rule of :func:`candidate_rules` with the highest :func:`rule_score` on ``rows``; the mildest among
+    equals."""
+    grid = candidate_rules()
+    return grid[int(np.argmax([round(rule_score(rows, rule), 6) for rule in grid]))]
+
+
+def calibrate(lesion_folder: Path, seeds: range = CALIBRATION_PHANTOM_SEEDS, workers: int = 2,
+              table: Path | None = None) -> list[LesionTarget]:
+    """Choose each lesion target's component rule on validation phantoms (the highest :func:`rule_score`, the
+    mildest rule among equals) and write it into the routing file, with the mean DSC the chosen rule reaches on
+    the phantoms that hold the lesion (a low one is a caution to users). ``table``: a JSON file keeping the
+    measured components (read instead of re-running the lesion stage when it exists)."""
     path = Path(lesion_folder) / ROUTING_FILE
     routing = LesionRouting.load(path)
-    with ProcessPoolExecutor(workers) as pool:
-        rows = [r for case in pool.map(component_table, [Path(lesion_folder)] * len(seeds), seeds) for r in case]
+    if table is not None and Path(table).is_file():
+        rows = json.loads(Path(table).read_text())
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            rows = [r for case in pool.map(component_table, [Path(lesion_folder)] * len(seeds), seeds) for r in case]
+        if table is not None:
+            Path(table).write_text(json.dumps(rows))
     calibrated = []
     for target in routing.lesions:
         own = [r for r in rows if r["target"] == target.phrasings[0]]
-        volume, confidence = best_rule(own)
-        dice, _ = rule_outcomes(own, volume, confidence)
-        calibrated.append(replace(target, min_volume_ml=volume, min_confidence=confidence, validated_cases=len(dice),
+        rule = best_rule(own)
+        dice, _ = rule_outcomes(own, rule)
+        calibrated.append(replace(target, rule=rule, validated_cases=len(dice),
                                   validated_dsc=round(float(np.mean(dice)), 3) if dice else None))
     replace(routing, lesions=tuple(calibrated)).save(path)
     return calibrated
@@ -186,11 +216,13 @@ def main(argv: list[str] | None = None) -> int:
                         metavar=("PRETRAIN", "BALANCED", "NEGATIVES"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calibrate", metavar="FOLDER", help="only calibrate the trained lesion stage in FOLDER")
+    parser.add_argument("--table", metavar="JSON", help="keep the calibration's measured components in this file "
+                                                        "(and reuse them when it exists)")
     args = parser.parse_args(argv)
     if args.calibrate:
-        for t in calibrate(Path(args.calibrate)):
-            print(f"{t.phrasings[0]}: keep components >= {t.min_volume_ml} mL with mean probability >= "
-                  f"{t.min_confidence}; validation DSC {t.validated_dsc} over {t.validated_cases} phantoms")
+        for t in calibrate(Path(args.calibrate), table=args.table):
+            print(f"{t.phrasings[0]}: keep components with {t.rule.describe()}; validation DSC {t.validated_dsc} "
+                  f"over {t.validated_cases} phantoms")
         return 0
     print(f"trained lesion stage in {train(args.out, tuple(args.steps), args.threads)}")
     return 0
