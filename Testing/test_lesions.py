@@ -140,6 +140,11 @@ def test_attenuation_rule_keeps_water_dense_cysts_and_drops_blobs_like_their_org
     assert cyst[2:8, 2:8, 2:8].all() and not cyst[12:18].any()
     solid = apply_rule(probability, 0.5, ComponentRule(min_hu=20.0, min_contrast_hu=10.0), 0.001, hu, organ)
     assert solid[12:18, 12:18, 12:18].all() and not solid[2:8].any() and not solid[12:18, 2:8, 2:8].any()
+    # A component covering its whole organ has no contrast to measure: only a contrast criterion drops it.
+    whole = measure_components(probability, 0.5, 0.001, hu, probability > 0.5)
+    assert np.isnan(whole.contrast_hu).all()
+    assert apply_rule(probability, 0.5, ComponentRule(max_hu=20.0), 0.001, hu, probability > 0.5)[2:8, 2:8, 2:8].all()
+    assert not apply_rule(probability, 0.5, ComponentRule(min_contrast_hu=10.0), 0.001, hu, probability > 0.5).any()
     # Without an attenuation (MR) the criteria do not apply.
     assert (apply_rule(probability, 0.5, ComponentRule(max_hu=20.0), 0.001) == probability).all()
 

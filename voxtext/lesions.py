@@ -10,7 +10,7 @@ on an image blanked beyond a few millimetres around the organ mask (dilated: the
 coarse), and its answer is kept within the same distance of the organ. Each lesion may carry a calibrated
 rule for the connected components it keeps, as nnU-Net's post-processing: small or hesitant blobs are the usual
 false alarms for a lesion the organ does not hold. On CT the rule may also judge a component's attenuation, as a
-radiologist does: a simple cyst is water (about 0-20 HU), and a lesion differs from the organ around it.
+radiologist does: a simple cyst is water (about -10 to 20 HU), and a lesion differs from the organ around it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ RELIABLE_DSC = 0.1  # below this validation DSC a lesion target's answers carry 
 class Components:
     """The connected components (26-neighbourhood) of ``probability > threshold``: ``labels`` numbers them
     1..n, the arrays hold one value per component. The attenuation is measured on CT only (else ``None``):
-    the median HU of each component and its difference from the median of the rest of its organ."""
+    the median HU of each component and its difference from the median of the rest of its organ (NaN where the
+    components cover the whole organ)."""
 
     labels: np.ndarray
     volume_ml: np.ndarray
@@ -107,7 +108,8 @@ class ComponentRule:
                 keep &= median_hu <= self.max_hu
             if self.min_hu is not None:
                 keep &= median_hu >= self.min_hu
-            keep &= np.abs(np.asarray(contrast_hu)) >= self.min_contrast_hu
+            if self.min_contrast_hu:
+                keep &= np.abs(np.asarray(contrast_hu)) >= self.min_contrast_hu
         return keep
 
     def describe(self) -> str:

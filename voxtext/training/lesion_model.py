@@ -131,14 +131,14 @@ def component_table(lesion_folder: Path, seed: int) -> list[dict]:
     organs = sorted({o for t in LESION_TARGETS for o in t.within})
     names = [t.phrasings[0] for t in LESION_TARGETS]
     result = _segmenter(lesion_folder).segment(volume, names + organs, quality="fast", return_probabilities=True)
-    hu, rows = volume.array.astype(np.float32), []
+    hu, voxel_ml, rows = volume.array.astype(np.float32), result.voxel_volume_ml, []
     for target, probability in zip(LESION_TARGETS, result.probabilities):
         name = target.phrasings[0]
         truth = case.target_mask(name) if name in present else np.zeros(probability.shape, bool)
         organ = np.logical_or.reduce([result.mask(o) for o in target.within])
-        found = measure_components(probability, 0.5, result.voxel_volume_ml, hu, organ)
-        hits = np.bincount(found.labels[truth], minlength=len(found.volume_ml) + 1)[1:] * result.voxel_volume_ml
-        rows.append({"target": name, "present": name in present, "truth_ml": float(truth.sum()) * result.voxel_volume_ml,
+        found = measure_components(probability, 0.5, voxel_ml, hu, organ)
+        hits = np.bincount(found.labels[truth], minlength=len(found.volume_ml) + 1)[1:] * voxel_ml
+        rows.append({"target": name, "present": name in present, "truth_ml": float(truth.sum()) * voxel_ml,
                      "volume_ml": found.volume_ml.tolist(), "confidence": found.confidence.tolist(),
                      "hit_ml": hits.tolist(), "median_hu": found.median_hu.tolist(),
                      "contrast_hu": found.contrast_hu.tolist()})
