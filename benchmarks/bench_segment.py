@@ -27,6 +27,7 @@ from voxtext.preprocess import PreprocessConfig, prepare, restore
 from voxtext.volume import Volume
 
 PROMPTS = ["liver", "left kidney", "right kidney", "spleen", "aorta"]
+LESION_PROMPTS = ["liver tumor", "liver cyst", "kidney cyst"]  # answered by the default model's lesion stage
 
 
 def peak_rss_mb() -> float:
@@ -106,6 +107,9 @@ def bench_model(volume: Volume, model: str) -> None:
         for prompts in (PROMPTS[:1], PROMPTS):
             with stage(rows, f"segment [{quality}], {len(prompts)} prompt(s), end to end"):
                 results[quality, len(prompts)] = segmenter.segment(volume, prompts, quality=quality)
+    if segmenter.lesion_stage is not None:
+        with stage(rows, f"segment [fast], {len(LESION_PROMPTS)} lesion prompts (lesion stage), end to end"):
+            segmenter.segment(volume, LESION_PROMPTS, quality="fast")
     report(f"Model '{model}', end to end (load, preprocess, windows, restore)", rows)
     fast, full = results["fast", len(PROMPTS)], results["accurate", len(PROMPTS)]
     print("\nAgreement of fast mode with the full sliding window (Dice per prompt):")
