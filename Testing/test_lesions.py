@@ -16,7 +16,7 @@ from voxtext.cli import main
 from voxtext.checkpoints import PACKAGE_WEIGHTS
 from voxtext.errors import CheckpointError
 from voxtext.lesions import (LESION_FOLDER, ORGAN_DILATION_MM, ROUTING_FILE, ComponentRule, LesionRouting, LesionTarget,
-                             apply_rule, measure_components)
+                             apply_rule, measure_components, padded_box, within_distance)
 from voxtext.preprocess import PreprocessConfig, prepare_with_labels
 from voxtext.training.default_model import acquired_phantom
 from voxtext.training.lesion_model import (LESION_SPACING_MM, LESION_VALUES, ORGAN_TARGETS, best_rule, lesion_case,
@@ -147,6 +147,20 @@ def test_attenuation_rule_keeps_water_dense_cysts_and_drops_blobs_like_their_org
     assert not apply_rule(probability, 0.5, ComponentRule(min_contrast_hu=10.0), 0.001, hu, probability > 0.5).any()
     # Without an attenuation (MR) the criteria do not apply.
     assert (apply_rule(probability, 0.5, ComponentRule(max_hu=20.0), 0.001) == probability).all()
+
+
+def test_distance_band_on_the_padded_box_equals_the_whole_grid_transform():
+    rng = np.random.default_rng(3)
+    for spacing, distance in (((0.78, 0.78, 1.5), 6.0), (2.0, 4.5), ((1.0, 2.5, 0.6), 3.0)):
+        mask = np.zeros((60, 50, 70), bool)
+        mask[tuple(rng.integers(10, 40, size=(3, 5)))] = True  # a few scattered voxels
+        mask[20:30, 25:35, 40:52] = True
+        whole = ndimage.distance_transform_edt(~mask, sampling=spacing) <= distance
+        assert (within_distance(mask, spacing, distance) == whole).all()
+    assert not within_distance(np.zeros((5, 5, 5), bool), 1.0, 3.0).any()
+    mask = np.zeros((30, 30, 30), bool)
+    mask[10:12, 3:5, 20:29] = True
+    assert padded_box(mask, (1.0, 0.5, 2.0), 2.0) == (slice(8, 14), slice(0, 9), slice(19, 30))
 
 
 def _row(present: bool, truth_ml: float, components: list[tuple[float, float, float, float, float]]) -> dict:

@@ -24,7 +24,7 @@ import torch
 from ..api import Segmenter
 from ..checkpoints import build_esica
 from ..lesions import (ROUTING_FILE, ComponentRule, LesionRouting, LesionStage, LesionTarget, measure_components,
-                       organ_surroundings)
+                       organ_surroundings, padded_box)
 from ..phantom import LABELS, TARGETS
 from ..preprocess import PreprocessConfig, prepare_with_labels
 from .cases import Target, TrainingCase
@@ -69,9 +69,7 @@ def lesion_case(seed: int) -> TrainingCase:
     prepared, labels = prepare_with_labels(volume, case.labels, PreprocessConfig(target_spacing=LESION_SPACING_MM))
     organs = {o for t in LESION_TARGETS for o in t.within}
     region = np.isin(labels, [v for o in organs for v in ORGAN_TARGETS[o]])
-    margin = int(round(REGION_MARGIN_MM / LESION_SPACING_MM))
-    box = tuple(slice(max(int(lo) - margin, 0), int(hi) + margin + 1)
-                for lo, hi in zip(np.argwhere(region).min(0), np.argwhere(region).max(0)))
+    box = padded_box(region, LESION_SPACING_MM, REGION_MARGIN_MM)
     dilation = np.random.default_rng(seed).uniform(2.0, 10.0)
     image = organ_surroundings(prepared.image[box], region[box], LESION_SPACING_MM, dilation)
     targets = [Target(phrasings, values) for phrasings, values in TARGETS if set(values) <= LESION_VALUES]
