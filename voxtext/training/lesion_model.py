@@ -3,9 +3,9 @@ around the organs that hold the phantom lesions, with lesion prompts only.
 
 The default model's 5 mm grid sees a whole abdominal cross-section but not the lesions (see its model card);
 this model sees 9.6 cm windows at 2 mm and is asked only inside the organ the default model finds
-(``voxtext.lesions``). ``python -m voxtext.training.lesion_model --out runs/lesions`` rebuilds it; the
-minimum volume and confidence of the lesion components it keeps are then calibrated on validation phantoms
-(``--calibrate FOLDER`` redoes only that).
+(``voxtext.lesions``). ``python -m voxtext.training.lesion_model --out runs/lesions`` rebuilds it; the rule
+for the lesion components it keeps (volume, mean probability and, on CT, attenuation) is then calibrated on
+validation phantoms (``--calibrate FOLDER`` redoes only that).
 """
 
 from __future__ import annotations
