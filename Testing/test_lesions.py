@@ -15,6 +15,7 @@ from voxtext import Segmenter, Volume
 from voxtext.cli import main
 from voxtext.checkpoints import PACKAGE_WEIGHTS
 from voxtext.errors import CheckpointError
+from voxtext.evaluation.metrics import dice
 from voxtext.lesions import (LESION_FOLDER, ORGAN_DILATION_MM, ROUTING_FILE, ComponentRule, LesionRouting, LesionTarget,
                              apply_rule, measure_components, padded_box, within_distance)
 from voxtext.preprocess import PreprocessConfig, prepare_with_labels
@@ -234,3 +235,23 @@ def test_cautioned_lesion_is_reported_by_the_pipeline_and_the_cli(tmp_path, caps
     assert re.search(r"^renal calculus: 0\.0 mL \(.*\)\n  caution: .*does not rule one out$", printed, re.MULTILINE)
     assert printed.count("  caution:") == 1
     assert json.loads((tmp_path / "seg.json").read_text())["cautions"] == result.cautions
+
+
+def test_tumour_prompt_is_silent_on_a_cyst_by_its_attenuation(tmp_path, segmenter):
+    # Held-out phantom 10004 holds a liver cyst and no tumour: the lesion model's "liver tumor" answer marks the
+    # cyst, and only the calibrated rule's attenuation criterion (a tumour is denser than water) drops it.
+    volume, case = acquired_phantom(10_004)
+    assert "liver cyst" in {t[0][0] for t in case.targets} and "liver tumor" not in {t[0][0] for t in case.targets}
+    shipped = segmenter.segment(volume, ["liver tumor", "liver cyst"], quality="fast")
+    assert shipped.volumes_ml()["liver tumor"] < 1.0
+    truth = case.target_mask("liver cyst")
+    assert dice(shipped.mask("liver cyst"), truth) > 0.5
+
+    folder = tmp_path / "model"
+    shutil.copytree(PACKAGE_WEIGHTS / "esica-default", folder)
+    path = folder / LESION_FOLDER / ROUTING_FILE
+    routing = LesionRouting.load(path)
+    blind = [replace(t.rule, max_hu=None, min_hu=None, min_contrast_hu=0.0) for t in routing.lesions]
+    LesionRouting(tuple(replace(t, rule=r) for t, r in zip(routing.lesions, blind)), routing.other_phrasings).save(path)
+    unchecked = Segmenter(folder, device="cpu").segment(volume, ["liver tumor"], quality="fast")
+    assert (unchecked.mask("liver tumor") & truth).sum() > 0.5 * truth.sum()  # the tumour prompt's blob is the cyst
