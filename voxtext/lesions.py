@@ -234,7 +234,7 @@ class LesionStage:
         logits = self.inferer.logits(torch.from_numpy(image), text, windows, cancel=cancel).float().cpu()
         inside = within_distance(organ[box], spacing, ORGAN_DILATION_MM)
         voxel_ml = float(np.prod(spacing)) / 1000.0
-        hu = volume.array[box].astype(np.float32) if modality == "CT" else None
+        hu = volume.array[box] if modality == "CT" else None  # a view: only the rule reads it
         for i, target in enumerate(targets):
             probability = restore(prepared, torch.sigmoid(logits[i]), "linear") * inside
             out[(i, *box)] = apply_rule(probability, threshold, target.rule, voxel_ml, hu, organ[box])

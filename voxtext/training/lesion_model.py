@@ -129,12 +129,12 @@ def component_table(lesion_folder: Path, seed: int) -> list[dict]:
     organs = sorted({o for t in LESION_TARGETS for o in t.within})
     names = [t.phrasings[0] for t in LESION_TARGETS]
     result = _segmenter(lesion_folder).segment(volume, names + organs, quality="fast", return_probabilities=True)
-    hu, voxel_ml, rows = volume.array.astype(np.float32), result.voxel_volume_ml, []
+    voxel_ml, rows = result.voxel_volume_ml, []
     for target, probability in zip(LESION_TARGETS, result.probabilities):
         name = target.phrasings[0]
         truth = case.target_mask(name) if name in present else np.zeros(probability.shape, bool)
         organ = np.logical_or.reduce([result.mask(o) for o in target.within])
-        found = measure_components(probability, 0.5, voxel_ml, hu, organ)
+        found = measure_components(probability, 0.5, voxel_ml, volume.array, organ)
         hits = np.bincount(found.labels[truth], minlength=len(found.volume_ml) + 1)[1:] * voxel_ml
         rows.append({"target": name, "present": name in present, "truth_ml": float(truth.sum()) * voxel_ml,
                      "volume_ml": found.volume_ml.tolist(), "confidence": found.confidence.tolist(),
@@ -148,7 +148,7 @@ def rule_outcomes(rows: list[dict], rule: ComponentRule) -> tuple[list[float], l
     answer is (near-)empty."""
     dice, empty = [], []
     for row in rows:
-        keep = rule.keeps(row["volume_ml"], row["confidence"], row.get("median_hu"), row.get("contrast_hu"))
+        keep = rule.keeps(row["volume_ml"], row["confidence"], row["median_hu"], row["contrast_hu"])
         volume = float(np.sum(np.asarray(row["volume_ml"])[keep]))
         if row["present"]:
             hit = float(np.sum(np.asarray(row["hit_ml"])[keep]))
