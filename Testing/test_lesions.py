@@ -17,11 +17,11 @@ from voxtext.checkpoints import PACKAGE_WEIGHTS
 from voxtext.errors import CheckpointError
 from voxtext.evaluation.metrics import dice
 from voxtext.lesions import (LESION_FOLDER, ORGAN_DILATION_MM, ROUTING_FILE, ComponentRule, LesionRouting, LesionTarget,
-                             apply_rule, measure_components, padded_box, within_distance)
+                             apply_rule, hyperdense_foci, measure_components, padded_box, within_distance)
 from voxtext.preprocess import PreprocessConfig, prepare_with_labels
 from voxtext.training.default_model import acquired_phantom
-from voxtext.training.lesion_model import (LESION_SPACING_MM, LESION_VALUES, ORGAN_TARGETS, best_rule, lesion_case,
-                                           rule_score)
+from voxtext.training.lesion_model import (LESION_SPACING_MM, LESION_VALUES, ORGAN_TARGETS, STONE_HU, best_rule,
+                                           calibrate, lesion_case, rule_score)
 
 # A held-out phantom (training uses seeds 0-159) with a liver cyst.
 SEED = 10_001
@@ -255,3 +255,63 @@ def test_tumour_prompt_is_silent_on_a_cyst_by_its_attenuation(tmp_path, segmente
     LesionRouting(tuple(replace(t, rule=r) for t, r in zip(routing.lesions, blind)), routing.other_phrasings).save(path)
     unchecked = Segmenter(folder, device="cpu").segment(volume, ["liver tumor"], quality="fast")
     assert (unchecked.mask("liver tumor") & truth).sum() > 0.5 * truth.sum()  # the tumour prompt's blob is the cyst
+
+
+def test_hyperdense_foci_are_the_organs_calcifications_not_the_bone_its_mask_grazes():
+    grid = np.indices((40, 40, 40)).transpose(1, 2, 3, 0)
+    hu = np.full((40, 40, 40), 160.0)  # enhanced parenchyma
+    organ = np.linalg.norm(grid - 20, axis=-1) <= 12
+    stone = np.linalg.norm(grid - (20, 20, 14), axis=-1) <= 2
+    edge_stone = np.linalg.norm(grid - (20, 31, 20), axis=-1) <= 2  # on the mask's edge, most of it inside
+    hu[stone | edge_stone] = 800.0
+    hu[:, :, 30:] = 700.0  # bone the organ mask reaches 3 voxels into
+    hu[np.linalg.norm(grid - (14, 20, 20), axis=-1) <= 2] = 250.0  # enhancing, below calcium
+    assert (organ & (hu >= 300)).sum() > (stone | edge_stone).sum()  # the plain threshold takes the bone too
+    foci = hyperdense_foci(hu, organ, 300.0)
+    assert np.array_equal(foci, stone | edge_stone)
+    assert not hyperdense_foci(hu, organ, 1000.0).any()
+
+
+def test_kidney_stones_are_found_by_attenuation_on_the_right_side_and_only_on_ct(segmenter):
+    # Held-out phantom 10002 holds one stone (0.39 mL), in the right kidney; 10001 none.
+    volume, case = acquired_phantom(10_002)
+    prompts = ["kidney stone", "right kidney stone", "left kidney stone"]
+    result = segmenter.segment(volume, prompts, quality="fast")
+    truth = case.target_mask("kidney stone")
+    assert truth.any() and np.array_equal(truth, case.target_mask("right kidney stone"))
+    assert dice(result.mask("kidney stone"), truth) > 0.8  # 1.00 when measured
+    assert dice(result.mask("right kidney stone"), truth) > 0.8
+    assert not result.mask("left kidney stone").any()
+    assert all(f"at least {STONE_HU:g} HU" in result.cautions[p] for p in prompts)
+    assert result.lesion_stage["left kidney stone"] == ["left kidney"]
+    assert not segmenter.segment(acquired_phantom(SEED)[0], ["kidney stone"], quality="fast").masks.any()
+    # The same image called MR: attenuation means nothing there, so no stone is claimed.
+    assert not segmenter.segment(volume, ["kidney stone"], quality="fast", modality="MR").masks.any()
+
+
+def test_attenuation_target_round_trips_with_its_caution(tmp_path):
+    path = tmp_path / ROUTING_FILE
+    stone = LesionTarget(("kidney stone",), ("left kidney", "right kidney"), validated_cases=3, validated_dsc=0.05,
+                         hyperdense_hu=300.0)
+    LesionRouting((stone,), ("liver",)).save(path)
+    loaded = LesionRouting.load(path).lesions[0]
+    assert loaded == stone
+    assert loaded.caution.startswith("found by attenuation, not by the model: the voxels of at least 300 HU in the "
+                                     "left kidney or right kidney")
+    assert loaded.caution.endswith("does not rule one out")  # and its low validation DSC
+
+
+def test_calibrating_named_targets_keeps_the_others(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(PACKAGE_WEIGHTS / "esica-default", folder)
+    path = folder / LESION_FOLDER / ROUTING_FILE
+    before = LesionRouting.load(path)
+    altered = tuple(replace(t, rule=ComponentRule(min_volume_ml=7.0)) for t in before.lesions)
+    LesionRouting(altered, before.other_phrasings).save(path)
+    table = tmp_path / "table.json"
+    calibrate(folder / LESION_FOLDER, seeds=range(10_002, 10_003), workers=1, table=table, names=["kidney stone"])
+    after = {t.phrasings[0]: t for t in LesionRouting.load(path).lesions}
+    assert all(after[t.phrasings[0]] == t for t in altered if t.phrasings[0] != "kidney stone")
+    stone = after["kidney stone"]
+    assert stone.validated_cases == 1 and stone.validated_dsc > 0.8 and stone.rule.min_volume_ml < 7.0
+    assert {r["target"] for r in json.loads(table.read_text())} == {"kidney stone"}

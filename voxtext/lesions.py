@@ -11,6 +11,8 @@ coarse), and its answer is kept within the same distance of the organ. Each lesi
 rule for the connected components it keeps, as nnU-Net's post-processing: small or hesitant blobs are the usual
 false alarms for a lesion the organ does not hold. On CT the rule may also judge a component's attenuation, as a
 radiologist does: a simple cyst is water (about -10 to 20 HU), and a lesion differs from the organ around it.
+A lesion the model does not see may instead be found by attenuation alone (``hyperdense_hu``): a calculus is the
+voxels of its organ at or above a calcium threshold on CT, the way stones are read and measured clinically.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -37,6 +39,7 @@ LESION_FOLDER = "lesions"
 ORGAN_MARGIN_MM = 20.0  # context around the organ's bounding box given to the lesion model
 ORGAN_DILATION_MM = 6.0  # how far outside the main model's organ mask a lesion may reach
 RELIABLE_DSC = 0.1  # below this validation DSC a lesion target's answers carry a caution
+HYPERDENSE_SHARE = 0.5  # a focus found by attenuation lies at least this much inside its organ's mask
 
 
 @dataclass(frozen=True)
@@ -130,26 +133,37 @@ class LesionTarget:
     # Measured by the calibration: validation phantoms holding this lesion, and the mean DSC of the kept answer.
     validated_cases: int = 0
     validated_dsc: float | None = None
+    # Found by attenuation instead of the lesion model: the foci of at least this HU lying mostly in the organ
+    # (:func:`hyperdense_foci`; CT only).
+    hyperdense_hu: float | None = None
 
     @property
     def caution(self) -> str:
-        """A warning to show with every answer of this target when the calibration measured it unreliable."""
-        if self.validated_dsc is None or self.validated_dsc >= RELIABLE_DSC:
-            return ""
-        return (f"the lesion stage found almost no {self.phrasings[0]} on its validation phantoms (mean DSC "
-                f"{self.validated_dsc:.2f} over {self.validated_cases}): an empty mask does not rule one out")
+        """A warning to show with every answer of this target: how an attenuation target is found, and an
+        unreliable validation measured by the calibration."""
+        notes = []
+        if self.hyperdense_hu is not None:
+            notes.append(f"found by attenuation, not by the model: the voxels of at least {self.hyperdense_hu:g} HU "
+                         f"in the {' or '.join(self.within)} (CT only; contrast in the collecting system and "
+                         f"calcified vessels there are found too)")
+        if self.validated_dsc is not None and self.validated_dsc < RELIABLE_DSC:
+            notes.append(f"the lesion stage found almost no {self.phrasings[0]} on its validation phantoms (mean DSC "
+                         f"{self.validated_dsc:.2f} over {self.validated_cases}): an empty mask does not rule one out")
+        return "; ".join(notes)
 
     def to_dict(self) -> dict:
         return {"phrasings": list(self.phrasings), "within": list(self.within), **asdict(self.rule),
-                "validated_cases": self.validated_cases, "validated_dsc": self.validated_dsc}
+                "validated_cases": self.validated_cases, "validated_dsc": self.validated_dsc,
+                "hyperdense_hu": self.hyperdense_hu}
 
     @classmethod
     def from_dict(cls, data: dict) -> LesionTarget:
-        dsc = data.get("validated_dsc")
-        rule = ComponentRule(**{f.name: None if data[f.name] is None else float(data[f.name])
-                                for f in fields(ComponentRule) if f.name in data})
+        def number(key: str) -> float | None:
+            return None if data.get(key) is None else float(data[key])
+
+        rule = ComponentRule(**{f.name: number(f.name) for f in fields(ComponentRule) if f.name in data})
         return cls(tuple(data["phrasings"]), tuple(data["within"]), rule, int(data.get("validated_cases", 0)),
-                   None if dsc is None else float(dsc))
+                   number("validated_dsc"), number("hyperdense_hu"))
 
 
 @dataclass(frozen=True)
@@ -221,24 +235,50 @@ class LesionStage:
     ) -> np.ndarray:
         """Probabilities (P, i, j, k) of lesion ``prompts`` (routed to ``targets``) that all lie in ``organ``
         (bool, the volume's grid); zero outside the (slightly dilated) organ and in the components of
-        ``p > threshold`` that their target rejects. ``modality``: as the main model prepared the volume."""
+        ``p > threshold`` that their target rejects. A target found by attenuation (``hyperdense_hu``) is 1 on the
+        organ's :func:`hyperdense_foci` on CT and 0 elsewhere (on any other modality everywhere).
+        ``modality``: as the main model prepared the volume."""
         out = np.zeros((len(prompts), *volume.shape), np.float32)
         if not organ.any():
             return out
         spacing = np.asarray(volume.spacing)
         box = padded_box(organ, spacing, ORGAN_MARGIN_MM)
+        hu = volume.array[box] if modality == "CT" else None  # a view: only the rule and the threshold read it
+        modelled = self._model_probabilities(volume, box, organ, [p for p, t in zip(prompts, targets)
+                                                                  if t.hyperdense_hu is None], modality, windows, cancel)
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        for i, target in enumerate(targets):
+            if target.hyperdense_hu is None:
+                probability = next(modelled)
+            elif hu is not None:
+                probability = hyperdense_foci(hu, organ[box], target.hyperdense_hu).astype(np.float32)
+            else:
+                probability = np.zeros(organ[box].shape, np.float32)
+            out[(i, *box)] = apply_rule(probability, threshold, target.rule, voxel_ml, hu, organ[box])
+        return out
+
+    def _model_probabilities(
+        self,
+        volume: Volume,
+        box: tuple[slice, ...],
+        organ: np.ndarray,
+        prompts: Sequence[str],
+        modality: str,
+        windows: WindowConfig,
+        cancel: threading.Event | None,
+    ) -> Iterator[np.ndarray]:
+        """The lesion model's probabilities of ``prompts``, one at a time, on the ``box`` of the volume's grid: run on
+        an image blanked beyond the organ's surroundings, and zero beyond them."""
+        if not prompts:
+            return
         prepared = prepare(volume.crop(box), PreprocessConfig(target_spacing=self.spacing_mm, modality=modality))
         organ_grid = to_model_grid(prepared.geometry, organ[box], "nearest")
         image = organ_surroundings(prepared.image, organ_grid, self.spacing_mm, ORGAN_DILATION_MM)
         text = self.inferer.embed_prompts(prompts)
         logits = self.inferer.logits(torch.from_numpy(image), text, windows, cancel=cancel).float().cpu()
-        inside = within_distance(organ[box], spacing, ORGAN_DILATION_MM)
-        voxel_ml = float(np.prod(spacing)) / 1000.0
-        hu = volume.array[box] if modality == "CT" else None  # a view: only the rule reads it
-        for i, target in enumerate(targets):
-            probability = restore(prepared, torch.sigmoid(logits[i]), "linear") * inside
-            out[(i, *box)] = apply_rule(probability, threshold, target.rule, voxel_ml, hu, organ[box])
-        return out
+        inside = within_distance(organ[box], np.asarray(volume.spacing), ORGAN_DILATION_MM)
+        for row in logits:
+            yield restore(prepared, torch.sigmoid(row), "linear") * inside
 
 
 def apply_rule(
@@ -256,6 +296,16 @@ def apply_rule(
     found = measure_components(probability, threshold, voxel_ml, hu if rule.uses_attenuation else None, organ)
     rejected = 1 + np.flatnonzero(~rule.keeps(found.volume_ml, found.confidence, found.median_hu, found.contrast_hu))
     return np.where(np.isin(found.labels, rejected), 0.0, probability).astype(probability.dtype, copy=False)
+
+
+def hyperdense_foci(hu: np.ndarray, organ: np.ndarray, min_hu: float) -> np.ndarray:
+    """The connected components (26-neighbourhood) of ``hu >= min_hu`` that lie at least
+    :data:`HYPERDENSE_SHARE` inside ``organ`` (bool, same grid): the organ's calcifications, not the bone or
+    enhanced vessel that its mask grazes."""
+    labels, n = ndimage.label(hu >= min_hu, structure=np.ones((3, 3, 3)))
+    size = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    inside = np.bincount(labels[organ], minlength=n + 1)[1:]
+    return np.isin(labels, 1 + np.flatnonzero(inside >= HYPERDENSE_SHARE * size))
 
 
 def organ_surroundings(image: np.ndarray, organ: np.ndarray, spacing_mm: float, dilation_mm: float) -> np.ndarray:

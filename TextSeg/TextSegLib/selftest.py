@@ -223,9 +223,9 @@ def check_worker_matches_backend(core: TextSegCore, volume_node, backend, option
 
 
 def check_lesion_stage_reported(core: TextSegCore, volume_node, options: SegmentOptions = OPTIONS) -> None:
-    """A lesion prompt answered by the model's lesion stage says so, and one the embedded default was measured
-    never to find (kidney stones) carries its caution (in the result and as segment tags that .seg.nrrd keeps);
-    others do not."""
+    """A lesion prompt answered by the model's lesion stage says so, and one the embedded default finds by
+    attenuation, not by its model (kidney stones), carries that caution (in the result and as segment tags that
+    .seg.nrrd keeps); others do not."""
     result = core.segment(volume_node, "right kidney cyst, right kidney stone, right kidney", options=options)
     assert result.lesion_stage == {"right kidney cyst": ["right kidney"], "right kidney stone": ["right kidney"]}, \
         result.lesion_stage

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from functools import cache
@@ -57,8 +59,13 @@ def parent_organs(values: tuple[int, ...]) -> tuple[str, ...]:
 
 
 LESION_VALUES = {v for name, v in LABELS.items() if name.endswith(("cyst", "tumor", "stone"))}
-LESION_TARGETS = [LesionTarget(phrasings, parent_organs(values)) for phrasings, values in TARGETS
-                  if set(values) <= LESION_VALUES]
+STONE_VALUES = {v for name, v in LABELS.items() if name.endswith("stone")}
+# The lesion model never finds a kidney stone (a few voxels; model card): stones are found by attenuation, as
+# calcium above the enhanced renal parenchyma (up to about 250 HU) and at or below most stones.
+STONE_HU = 300.0
+LESION_TARGETS = [LesionTarget(phrasings, parent_organs(values),
+                               hyperdense_hu=STONE_HU if set(values) <= STONE_VALUES else None)
+                  for phrasings, values in TARGETS if set(values) <= LESION_VALUES]
 ORGAN_TARGETS = {phrasings[0]: values for phrasings, values in TARGETS if not set(values) <= LESION_VALUES}
 
 
@@ -120,17 +127,19 @@ def _segmenter(lesion_folder: Path) -> Segmenter:
     return segmenter
 
 
-def component_table(lesion_folder: Path, seed: int) -> list[dict]:
-    """For one validation phantom and each lesion target: is it present, its true volume, and the components
-    of the lesion stage's answer, unfiltered: volume, mean probability, volume on the truth, median HU and
-    contrast to the (main model's) organ, as :func:`voxtext.lesions.measure_components` measures them."""
+def component_table(lesion_folder: Path, seed: int, names: Sequence[str] | None = None) -> list[dict]:
+    """For one validation phantom and each lesion target (those named by their first phrasing in ``names``, or
+    all): is it present, its true volume, and the components of the lesion stage's answer, unfiltered: volume,
+    mean probability, volume on the truth, median HU and contrast to the (main model's) organ, as
+    :func:`voxtext.lesions.measure_components` measures them."""
     volume, case = acquired_phantom(seed)
     present = {t[0][0] for t in case.targets}
-    organs = sorted({o for t in LESION_TARGETS for o in t.within})
-    names = [t.phrasings[0] for t in LESION_TARGETS]
+    targets = [t for t in LESION_TARGETS if names is None or t.phrasings[0] in names]
+    organs = sorted({o for t in targets for o in t.within})
+    names = [t.phrasings[0] for t in targets]
     result = _segmenter(lesion_folder).segment(volume, names + organs, quality="fast", return_probabilities=True)
     voxel_ml, rows = result.voxel_volume_ml, []
-    for target, probability in zip(LESION_TARGETS, result.probabilities):
+    for target, probability in zip(targets, result.probabilities):
         name = target.phrasings[0]
         truth = case.target_mask(name) if name in present else np.zeros(probability.shape, bool)
         organ = np.logical_or.reduce([result.mask(o) for o in target.within])
@@ -182,22 +191,29 @@ def best_rule(rows: list[dict]) -> ComponentRule:
 
 
 def calibrate(lesion_folder: Path, seeds: range = CALIBRATION_PHANTOM_SEEDS, workers: int = 2,
-              table: Path | None = None) -> list[LesionTarget]:
+              table: Path | None = None, names: Sequence[str] | None = None) -> list[LesionTarget]:
     """Choose each lesion target's component rule on validation phantoms (the highest :func:`rule_score`, the
     mildest rule among equals) and write it into the routing file, with the mean DSC the chosen rule reaches on
     the phantoms that hold the lesion (a low one is a caution to users). ``table``: a JSON file keeping the
-    measured components (read instead of re-running the lesion stage when it exists)."""
+    measured components (read instead of re-running the lesion stage when it exists). ``names``: recalibrate
+    only these targets (first phrasings), re-measured (their rows in ``table`` replaced); the others are kept."""
     path = Path(lesion_folder) / ROUTING_FILE
     routing = LesionRouting.load(path)
-    if table is not None and Path(table).is_file():
-        rows = json.loads(Path(table).read_text())
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            rows = [r for case in pool.map(component_table, [Path(lesion_folder)] * len(seeds), seeds) for r in case]
+    rows = json.loads(Path(table).read_text()) if table is not None and Path(table).is_file() else []
+    if names is not None or not rows:
+        rows = [r for r in rows if names is not None and r["target"] not in names]
+        # Spawned, not forked: the caller may have run torch already (train() just did), and a forked copy of its
+        # thread pools can hang.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for case in pool.map(component_table, [Path(lesion_folder)] * len(seeds), seeds, [names] * len(seeds)):
+                rows += case
         if table is not None:
             Path(table).write_text(json.dumps(rows))
     calibrated = []
     for target in routing.lesions:
+        if names is not None and target.phrasings[0] not in names:
+            calibrated.append(target)
+            continue
         own = [r for r in rows if r["target"] == target.phrasings[0]]
         rule = best_rule(own)
         dice, _ = rule_outcomes(own, rule)
@@ -216,9 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate", metavar="FOLDER", help="only calibrate the trained lesion stage in FOLDER")
     parser.add_argument("--table", metavar="JSON", help="keep the calibration's measured components in this file "
                                                         "(and reuse them when it exists)")
+    parser.add_argument("--targets", nargs="+", metavar="NAME",
+                        help="with --calibrate: re-measure and recalibrate only these lesion targets (first phrasing, "
+                             "e.g. 'kidney stone'); the others keep their rules")
     args = parser.parse_args(argv)
     if args.calibrate:
-        for t in calibrate(Path(args.calibrate), table=args.table):
+        for t in calibrate(Path(args.calibrate), table=args.table, names=args.targets):
             print(f"{t.phrasings[0]}: keep components with {t.rule.describe()}; validation DSC {t.validated_dsc} "
                   f"over {t.validated_cases} phantoms")
         return 0
