@@ -244,8 +244,8 @@ class LesionStage:
         spacing = np.asarray(volume.spacing)
         box = padded_box(organ, spacing, ORGAN_MARGIN_MM)
         hu = volume.array[box] if modality == "CT" else None  # a view: only the rule and the threshold read it
-        modelled = self._model_probabilities(volume, box, organ, [p for p, t in zip(prompts, targets)
-                                                                  if t.hyperdense_hu is None], modality, windows, cancel)
+        asked = [prompt for prompt, target in zip(prompts, targets) if target.hyperdense_hu is None]
+        modelled = self._model_probabilities(volume, box, organ, asked, modality, windows, cancel)
         voxel_ml = float(np.prod(spacing)) / 1000.0
         for i, target in enumerate(targets):
             if target.hyperdense_hu is None:
