@@ -136,8 +136,8 @@ def component_table(lesion_folder: Path, seed: int, names: Sequence[str] | None 
     present = {t[0][0] for t in case.targets}
     targets = [t for t in LESION_TARGETS if names is None or t.phrasings[0] in names]
     organs = sorted({o for t in targets for o in t.within})
-    names = [t.phrasings[0] for t in targets]
-    result = _segmenter(lesion_folder).segment(volume, names + organs, quality="fast", return_probabilities=True)
+    asked = [t.phrasings[0] for t in targets]
+    result = _segmenter(lesion_folder).segment(volume, asked + organs, quality="fast", return_probabilities=True)
     voxel_ml, rows = result.voxel_volume_ml, []
     for target, probability in zip(targets, result.probabilities):
         name = target.phrasings[0]
@@ -200,8 +200,8 @@ def calibrate(lesion_folder: Path, seeds: range = CALIBRATION_PHANTOM_SEEDS, wor
     path = Path(lesion_folder) / ROUTING_FILE
     routing = LesionRouting.load(path)
     rows = json.loads(Path(table).read_text()) if table is not None and Path(table).is_file() else []
-    if names is not None or not rows:
-        rows = [r for r in rows if names is not None and r["target"] not in names]
+    if names is not None or not rows:  # (re-)measure: all targets, or the named ones
+        rows = [r for r in rows if r["target"] not in (names or ())]
         # Spawned, not forked: the caller may have run torch already (train() just did), and a forked copy of its
         # thread pools can hang.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
