@@ -13,6 +13,11 @@ false alarms for a lesion the organ does not hold. On CT the rule may also judge
 radiologist does: a simple cyst is water (about -10 to 20 HU), and a lesion differs from the organ around it.
 A lesion the model does not see may instead be found by attenuation alone (``hyperdense_hu``): a calculus is the
 voxels of its organ at or above a calcium threshold on CT, the way stones are read and measured clinically.
+On CT a target may also take its extent from attenuation (``grow_by_attenuation``): the model finds the lesion,
+and each component of its answer is grown to the connected voxels of its own attenuation, as Slicer's "grow from
+seeds" or a radiologist's region-growing tool, before the rule judges it: the lesion model runs on a coarser grid
+than the scan and under-reads the edges of large lesions, and the main model's organ mask may cut off an
+exophytic one.
 """
 
 from __future__ import annotations
@@ -40,20 +45,30 @@ ORGAN_MARGIN_MM = 20.0  # context around the organ's bounding box given to the l
 ORGAN_DILATION_MM = 6.0  # how far outside the main model's organ mask a lesion may reach
 RELIABLE_DSC = 0.1  # below this validation DSC a lesion target's answers carry a caution
 HYPERDENSE_SHARE = 0.5  # a focus found by attenuation lies at least this much inside its organ's mask
+# Growing a lesion by attenuation (:func:`grow_by_attenuation`).
+GROWTH_SMOOTHING_MM = 1.5  # Gaussian sigma of the image the growth reads (noise down, edges kept)
+GROWTH_REACH_MM = 10.0  # how far from the organ mask (or the lesion) a grown lesion may reach
+GROWTH_HALF_WIDTH_HU = 35.0  # the attenuation band: the lesion's median +- this (or 3 SD of its core, if wider) ...
+GROWTH_MIN_CONTRAST_HU = 20.0  # ... and at most half its contrast to the organ; a fainter lesion is not grown
+# A grown lesion lies in its organ: at least this share of its surface within GROWTH_ENCLOSURE_MM of the organ mask
+# (an exophytic cyst about 0.65, the bladder beside a liver mask's edge about 0.5); else the component stays as it is.
+GROWTH_MIN_ENCLOSURE = 0.6
+GROWTH_ENCLOSURE_MM = 4.0
 
 
 @dataclass(frozen=True)
 class Components:
     """The connected components (26-neighbourhood) of ``probability > threshold``: ``labels`` numbers them
-    1..n, the arrays hold one value per component. The attenuation is measured on CT only (else ``None``):
-    the median HU of each component and its difference from the median of the rest of its organ (NaN where the
-    components cover the whole organ)."""
+    1..n, the arrays hold one value per component. Given the organ, the share of each inside it; the attenuation
+    is measured on CT only (else ``None``): the median HU of each component and its difference from the median of
+    the rest of its organ (NaN where the components cover the whole organ)."""
 
     labels: np.ndarray
     volume_ml: np.ndarray
     confidence: np.ndarray  # mean probability
     median_hu: np.ndarray | None = None
     contrast_hu: np.ndarray | None = None
+    inside: np.ndarray | None = None
 
 
 def measure_components(
@@ -63,19 +78,22 @@ def measure_components(
     hu: np.ndarray | None = None,
     organ: np.ndarray | None = None,
 ) -> Components:
-    """The components of ``probability > threshold``; their attenuation when ``hu`` (the CT image, same grid)
-    and ``organ`` (bool, the organ the lesion lies in) are given."""
+    """The components of ``probability > threshold``; their share inside ``organ`` (bool, the organ the lesion lies
+    in) when it is given, and their attenuation when ``hu`` (the CT image, same grid) is given too."""
     labels, n = ndimage.label(probability > threshold, structure=np.ones((3, 3, 3)))
     index = np.arange(1, n + 1)
-    volume_ml = np.bincount(labels.ravel(), minlength=n + 1)[1:] * voxel_ml
+    size = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     confidence = np.asarray(ndimage.mean(probability, labels, index), np.float64).reshape(n)
-    if hu is None or organ is None:
-        return Components(labels, volume_ml, confidence)
-    inside = labels > 0
-    median = np.asarray(ndimage.median(hu[inside], labels[inside], index) if n else [], np.float64).reshape(n)
-    rest = organ & ~inside
+    if organ is None:
+        return Components(labels, size * voxel_ml, confidence)
+    inside = np.bincount(labels[organ], minlength=n + 1)[1:] / np.maximum(size, 1)
+    if hu is None:
+        return Components(labels, size * voxel_ml, confidence, inside=inside)
+    found = labels > 0
+    median = np.asarray(ndimage.median(hu[found], labels[found], index) if n else [], np.float64).reshape(n)
+    rest = organ & ~found
     reference = float(np.median(hu[rest])) if rest.any() else np.nan
-    return Components(labels, volume_ml, confidence, median, median - reference)
+    return Components(labels, size * voxel_ml, confidence, median, median - reference, inside)
 
 
 @dataclass(frozen=True)
@@ -88,10 +106,13 @@ class ComponentRule:
     max_hu: float | None = None  # median attenuation at most this (cysts: water)
     min_hu: float | None = None  # ... at least this (solid lesions)
     min_contrast_hu: float = 0.0  # |median - the organ's median| at least this: a lesion differs from its organ
+    min_inside: float = 0.0  # share inside the organ mask at least this (a lesion grown into a neighbour is not)
 
     def __post_init__(self) -> None:
-        if self.min_volume_ml < 0 or not 0 <= self.min_confidence < 1 or self.min_contrast_hu < 0:
-            raise ValueError(f"invalid component rule {self}: volume and contrast must be >= 0, confidence in [0, 1)")
+        if self.min_volume_ml < 0 or not 0 <= self.min_confidence < 1 or self.min_contrast_hu < 0 or not (
+                0 <= self.min_inside <= 1):
+            raise ValueError(f"invalid component rule {self}: volume and contrast must be >= 0, confidence in [0, 1), "
+                             f"inside share in [0, 1]")
 
     @property
     def keeps_all(self) -> bool:
@@ -102,9 +123,11 @@ class ComponentRule:
         return self.max_hu is not None or self.min_hu is not None or self.min_contrast_hu > 0
 
     def keeps(self, volume_ml: np.ndarray, confidence: np.ndarray, median_hu: np.ndarray | None = None,
-              contrast_hu: np.ndarray | None = None) -> np.ndarray:
+              contrast_hu: np.ndarray | None = None, inside: np.ndarray | None = None) -> np.ndarray:
         """Which components (one value per component in each array) the rule keeps."""
         keep = (np.asarray(volume_ml) >= self.min_volume_ml) & (np.asarray(confidence) >= self.min_confidence)
+        if inside is not None and self.min_inside:
+            keep &= np.asarray(inside) >= self.min_inside
         if median_hu is not None and contrast_hu is not None:
             median_hu = np.asarray(median_hu)
             if self.max_hu is not None:
@@ -120,6 +143,7 @@ class ComponentRule:
         parts += [f"median <= {self.max_hu} HU"] if self.max_hu is not None else []
         parts += [f"median >= {self.min_hu} HU"] if self.min_hu is not None else []
         parts += [f"contrast to the organ >= {self.min_contrast_hu} HU"] if self.min_contrast_hu else []
+        parts += [f"inside the organ mask >= {self.min_inside:.0%}"] if self.min_inside else []
         return ", ".join(parts)
 
 
@@ -136,6 +160,9 @@ class LesionTarget:
     # Found by attenuation instead of the lesion model: the foci of at least this HU lying mostly in the organ
     # (:func:`hyperdense_foci`; CT only).
     hyperdense_hu: float | None = None
+    # On CT, the model's components grown to the connected voxels of their own attenuation
+    # (:func:`grow_by_attenuation`).
+    grow_by_attenuation: bool = False
 
     @property
     def caution(self) -> str:
@@ -154,7 +181,7 @@ class LesionTarget:
     def to_dict(self) -> dict:
         return {"phrasings": list(self.phrasings), "within": list(self.within), **asdict(self.rule),
                 "validated_cases": self.validated_cases, "validated_dsc": self.validated_dsc,
-                "hyperdense_hu": self.hyperdense_hu}
+                "hyperdense_hu": self.hyperdense_hu, "grow_by_attenuation": self.grow_by_attenuation}
 
     @classmethod
     def from_dict(cls, data: dict) -> LesionTarget:
@@ -163,7 +190,7 @@ class LesionTarget:
 
         rule = ComponentRule(**{f.name: number(f.name) for f in fields(ComponentRule) if f.name in data})
         return cls(tuple(data["phrasings"]), tuple(data["within"]), rule, int(data.get("validated_cases", 0)),
-                   number("validated_dsc"), number("hyperdense_hu"))
+                   number("validated_dsc"), number("hyperdense_hu"), bool(data.get("grow_by_attenuation", False)))
 
 
 @dataclass(frozen=True)
@@ -236,7 +263,9 @@ class LesionStage:
         """Probabilities (P, i, j, k) of lesion ``prompts`` (routed to ``targets``) that all lie in ``organ``
         (bool, the volume's grid); zero outside the (slightly dilated) organ and in the components of
         ``p > threshold`` that their target rejects. A target found by attenuation (``hyperdense_hu``) is 1 on the
-        organ's :func:`hyperdense_foci` on CT and 0 elsewhere (on any other modality everywhere).
+        organ's :func:`hyperdense_foci` on CT and 0 elsewhere (on any other modality everywhere); a target grown by
+        attenuation is 1 where :func:`grow_by_attenuation` adds to the model's components (CT only), and its rule
+        judges the grown components.
         ``modality``: as the main model prepared the volume."""
         out = np.zeros((len(prompts), *volume.shape), np.float32)
         if not organ.any():
@@ -254,6 +283,9 @@ class LesionStage:
                 probability = hyperdense_foci(hu, organ[box], target.hyperdense_hu).astype(np.float32)
             else:
                 probability = np.zeros(organ[box].shape, np.float32)
+            if target.grow_by_attenuation and hu is not None:
+                grown = grow_by_attenuation(probability > threshold, hu, organ[box], spacing)
+                probability = np.maximum(probability, grown.astype(np.float32))
             out[(i, *box)] = apply_rule(probability, threshold, target.rule, voxel_ml, hu, organ[box])
         return out
 
@@ -294,7 +326,8 @@ def apply_rule(
     if rule.keeps_all:
         return probability
     found = measure_components(probability, threshold, voxel_ml, hu if rule.uses_attenuation else None, organ)
-    rejected = 1 + np.flatnonzero(~rule.keeps(found.volume_ml, found.confidence, found.median_hu, found.contrast_hu))
+    rejected = 1 + np.flatnonzero(~rule.keeps(found.volume_ml, found.confidence, found.median_hu, found.contrast_hu,
+                                              found.inside))
     return np.where(np.isin(found.labels, rejected), 0.0, probability).astype(probability.dtype, copy=False)
 
 
@@ -306,6 +339,43 @@ def hyperdense_foci(hu: np.ndarray, organ: np.ndarray, min_hu: float) -> np.ndar
     size = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     inside = np.bincount(labels[organ], minlength=n + 1)[1:]
     return np.isin(labels, 1 + np.flatnonzero(inside >= HYPERDENSE_SHARE * size))
+
+
+def grow_by_attenuation(lesion: np.ndarray, hu: np.ndarray, organ: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """``lesion`` (bool) with each of its components (26-neighbourhood) grown to the connected voxels of its own
+    attenuation on the CT ``hu`` (same grid, smoothed by :data:`GROWTH_SMOOTHING_MM`): those within the
+    component's median +- :data:`GROWTH_HALF_WIDTH_HU` (or 3 SD of its core, if wider) and at most half its
+    contrast to the rest of ``organ`` (bool), opened by one voxel (so the partial-volume rim between two tissues
+    does not carry the growth along an organ's edge), within :data:`GROWTH_REACH_MM` of the organ or the lesion,
+    and one voxel further where the lesion's side of half that contrast reaches. A component differing from its
+    organ by less than :data:`GROWTH_MIN_CONTRAST_HU`, or whose grown surface is not enclosed by the organ
+    (:data:`GROWTH_MIN_ENCLOSURE`), is kept as it is."""
+    cube = np.ones((3, 3, 3), bool)
+    labels, n = ndimage.label(lesion, structure=cube)
+    rest = organ & ~lesion
+    if not n or not rest.any():
+        return lesion
+    smooth = ndimage.gaussian_filter(hu.astype(np.float32), GROWTH_SMOOTHING_MM / np.asarray(spacing, float))
+    reference = float(np.median(smooth[rest]))
+    reach = within_distance(organ | lesion, spacing, GROWTH_REACH_MM)
+    near_organ = within_distance(organ, spacing, GROWTH_ENCLOSURE_MM)
+    grown = lesion.copy()
+    for component in (labels == c for c in range(1, n + 1)):
+        median = float(np.median(smooth[component]))
+        contrast = abs(median - reference)
+        if contrast < GROWTH_MIN_CONTRAST_HU:
+            continue
+        core = ndimage.binary_erosion(component, cube)
+        spread = 3.0 * float(smooth[core].std()) if core.any() else 0.0
+        distance = np.abs(smooth - median)
+        band = (distance <= min(contrast / 2, max(GROWTH_HALF_WIDTH_HU, spread))) & reach
+        parts, _ = ndimage.label(ndimage.binary_opening(band, cube) | component, cube)
+        region = np.isin(parts, np.unique(parts[component]))
+        # The edge: one voxel further, where the lesion's side of half the contrast to its organ ends.
+        region |= ndimage.binary_dilation(region, cube) & (distance <= contrast / 2) & reach
+        if near_organ[ndimage.binary_dilation(region, cube) & ~region].mean() >= GROWTH_MIN_ENCLOSURE:
+            grown |= region
+    return grown
 
 
 def organ_surroundings(image: np.ndarray, organ: np.ndarray, spacing_mm: float, dilation_mm: float) -> np.ndarray:

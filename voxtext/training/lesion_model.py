@@ -50,6 +50,7 @@ MIN_CONFIDENCES = (0.0, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85)
 MAX_HU = (None, 20.0, 30.0, 40.0)
 MIN_HU = (None, -20.0, 20.0, 30.0)
 MIN_CONTRASTS_HU = (0.0, 10.0, 20.0, 30.0)
+MIN_INSIDE = (0.0, 0.5, 0.9)  # share of a (grown) component inside the organ mask
 
 
 def parent_organs(values: tuple[int, ...]) -> tuple[str, ...]:
@@ -63,9 +64,11 @@ STONE_VALUES = {v for name, v in LABELS.items() if name.endswith("stone")}
 # The lesion model never finds a kidney stone (a few voxels; model card): stones are found by attenuation, as
 # calcium above the enhanced renal parenchyma (up to about 250 HU) and at or below most stones.
 STONE_HU = 300.0
-LESION_TARGETS = [LesionTarget(phrasings, parent_organs(values),
-                               hyperdense_hu=STONE_HU if set(values) <= STONE_VALUES else None)
-                  for phrasings, values in TARGETS if set(values) <= LESION_VALUES]
+# The other lesions are found by the lesion model and take their extent from attenuation (voxtext.lesions).
+LESION_TARGETS = [LesionTarget(phrasings, parent_organs(values), hyperdense_hu=STONE_HU if stone else None,
+                               grow_by_attenuation=not stone)
+                  for phrasings, values in TARGETS if set(values) <= LESION_VALUES
+                  for stone in [set(values) <= STONE_VALUES]]
 ORGAN_TARGETS = {phrasings[0]: values for phrasings, values in TARGETS if not set(values) <= LESION_VALUES}
 
 
@@ -114,7 +117,8 @@ def write_routing(folder: Path) -> None:
 
 
 def unfiltered(routing: LesionRouting) -> LesionRouting:
-    """``routing`` with every lesion's component rule off."""
+    """``routing`` with every lesion's component rule off (a target grown by attenuation is still grown: its rule
+    judges the grown components)."""
     return replace(routing, lesions=tuple(replace(t, rule=ComponentRule()) for t in routing.lesions))
 
 
@@ -148,7 +152,7 @@ def component_table(lesion_folder: Path, seed: int, names: Sequence[str] | None 
         rows.append({"target": name, "present": name in present, "truth_ml": float(truth.sum()) * voxel_ml,
                      "volume_ml": found.volume_ml.tolist(), "confidence": found.confidence.tolist(),
                      "hit_ml": hits.tolist(), "median_hu": found.median_hu.tolist(),
-                     "contrast_hu": found.contrast_hu.tolist()})
+                     "contrast_hu": found.contrast_hu.tolist(), "inside": found.inside.tolist()})
     return rows
 
 
@@ -157,7 +161,7 @@ def rule_outcomes(rows: list[dict], rule: ComponentRule) -> tuple[list[float], l
     answer is (near-)empty."""
     dice, empty = [], []
     for row in rows:
-        keep = rule.keeps(row["volume_ml"], row["confidence"], row["median_hu"], row["contrast_hu"])
+        keep = rule.keeps(row["volume_ml"], row["confidence"], row["median_hu"], row["contrast_hu"], row.get("inside"))
         volume = float(np.sum(np.asarray(row["volume_ml"])[keep]))
         if row["present"]:
             hit = float(np.sum(np.asarray(row["hit_ml"])[keep]))
@@ -176,11 +180,12 @@ def rule_score(rows: list[dict], rule: ComponentRule) -> float:
 def candidate_rules() -> list[ComponentRule]:
     """The grid the calibration searches, mildest first (fewest attenuation criteria, then lowest thresholds):
     :func:`best_rule` keeps the first of equals."""
-    grid = [ComponentRule(volume, confidence, max_hu, min_hu, contrast) for volume, confidence, max_hu, min_hu, contrast
-            in product(MIN_VOLUMES_ML, MIN_CONFIDENCES, MAX_HU, MIN_HU, MIN_CONTRASTS_HU)
-            if max_hu is None or min_hu is None or min_hu < max_hu]
-    return sorted(grid, key=lambda r: ((r.max_hu is not None) + (r.min_hu is not None) + (r.min_contrast_hu > 0),
-                                       r.min_volume_ml + r.min_confidence, r.min_contrast_hu))
+    grid = [ComponentRule(*values) for values in product(MIN_VOLUMES_ML, MIN_CONFIDENCES, MAX_HU, MIN_HU,
+                                                           MIN_CONTRASTS_HU, MIN_INSIDE)
+            if values[2] is None or values[3] is None or values[3] < values[2]]
+    return sorted(grid, key=lambda r: ((r.max_hu is not None) + (r.min_hu is not None) + (r.min_contrast_hu > 0)
+                                       + (r.min_inside > 0), r.min_volume_ml + r.min_confidence, r.min_contrast_hu,
+                                       r.min_inside))
 
 
 def best_rule(rows: list[dict]) -> ComponentRule:
