@@ -240,7 +240,8 @@ def test_cautioned_lesion_is_reported_by_the_pipeline_and_the_cli(tmp_path, caps
 
 def test_tumour_prompt_is_silent_on_a_cyst_by_its_attenuation(tmp_path, segmenter):
     # Held-out phantom 10004 holds a liver cyst and no tumour: the lesion model's "liver tumor" answer marks the
-    # cyst, and only the calibrated rule's attenuation criterion (a tumour is denser than water) drops it.
+    # cyst, and only the calibrated rule's attenuation criteria (a tumour is denser than water) and its share
+    # inside the liver mask (the cyst grown past the mask's edge) drop it.
     volume, case = acquired_phantom(10_004)
     assert "liver cyst" in {t[0][0] for t in case.targets} and "liver tumor" not in {t[0][0] for t in case.targets}
     shipped = segmenter.segment(volume, ["liver tumor", "liver cyst"], quality="fast")
@@ -252,7 +253,7 @@ def test_tumour_prompt_is_silent_on_a_cyst_by_its_attenuation(tmp_path, segmente
     shutil.copytree(PACKAGE_WEIGHTS / "esica-default", folder)
     path = folder / LESION_FOLDER / ROUTING_FILE
     routing = LesionRouting.load(path)
-    blind = [replace(t.rule, max_hu=None, min_hu=None, min_contrast_hu=0.0) for t in routing.lesions]
+    blind = [replace(t.rule, max_hu=None, min_hu=None, min_contrast_hu=0.0, min_inside=0.0) for t in routing.lesions]
     LesionRouting(tuple(replace(t, rule=r) for t, r in zip(routing.lesions, blind)), routing.other_phrasings).save(path)
     unchecked = Segmenter(folder, device="cpu").segment(volume, ["liver tumor"], quality="fast")
     assert (unchecked.mask("liver tumor") & truth).sum() > 0.5 * truth.sum()  # the tumour prompt's blob is the cyst
