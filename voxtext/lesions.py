@@ -86,7 +86,7 @@ def measure_components(
     confidence = np.asarray(ndimage.mean(probability, labels, index), np.float64).reshape(n)
     if organ is None:
         return Components(labels, size * voxel_ml, confidence)
-    inside = np.bincount(labels[organ], minlength=n + 1)[1:] / np.maximum(size, 1)
+    inside = inside_share(labels, n, organ)
     if hu is None:
         return Components(labels, size * voxel_ml, confidence, inside=inside)
     found = labels > 0
@@ -331,14 +331,18 @@ def apply_rule(
     return np.where(np.isin(found.labels, rejected), 0.0, probability).astype(probability.dtype, copy=False)
 
 
+def inside_share(labels: np.ndarray, n: int, organ: np.ndarray) -> np.ndarray:
+    """For components ``labels`` 1..n: the share of each one's voxels inside ``organ`` (bool, same grid)."""
+    size = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    return np.bincount(labels[organ], minlength=n + 1)[1:] / np.maximum(size, 1)
+
+
 def hyperdense_foci(hu: np.ndarray, organ: np.ndarray, min_hu: float) -> np.ndarray:
     """The connected components (26-neighbourhood) of ``hu >= min_hu`` that lie at least
     :data:`HYPERDENSE_SHARE` inside ``organ`` (bool, same grid): the organ's calcifications, not the bone or
     enhanced vessel that its mask grazes."""
     labels, n = ndimage.label(hu >= min_hu, structure=np.ones((3, 3, 3)))
-    size = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    inside = np.bincount(labels[organ], minlength=n + 1)[1:]
-    return np.isin(labels, 1 + np.flatnonzero(inside >= HYPERDENSE_SHARE * size))
+    return np.isin(labels, 1 + np.flatnonzero(inside_share(labels, n, organ) >= HYPERDENSE_SHARE))
 
 
 def grow_by_attenuation(lesion: np.ndarray, hu: np.ndarray, organ: np.ndarray, spacing: Sequence[float]) -> np.ndarray:

@@ -64,11 +64,17 @@ STONE_VALUES = {v for name, v in LABELS.items() if name.endswith("stone")}
 # The lesion model never finds a kidney stone (a few voxels; model card): stones are found by attenuation, as
 # calcium above the enhanced renal parenchyma (up to about 250 HU) and at or below most stones.
 STONE_HU = 300.0
-# The other lesions are found by the lesion model and take their extent from attenuation (voxtext.lesions).
-LESION_TARGETS = [LesionTarget(phrasings, parent_organs(values), hyperdense_hu=STONE_HU if stone else None,
-                               grow_by_attenuation=not stone)
-                  for phrasings, values in TARGETS if set(values) <= LESION_VALUES
-                  for stone in [set(values) <= STONE_VALUES]]
+
+
+def lesion_target(phrasings: tuple[str, ...], values: tuple[int, ...]) -> LesionTarget:
+    """The lesion stage's target for phantom label ``values``: a stone found by attenuation; any other lesion found
+    by the lesion model and taking its extent from attenuation (:mod:`voxtext.lesions`)."""
+    stone = set(values) <= STONE_VALUES
+    return LesionTarget(phrasings, parent_organs(values), hyperdense_hu=STONE_HU if stone else None,
+                        grow_by_attenuation=not stone)
+
+
+LESION_TARGETS = [lesion_target(phrasings, values) for phrasings, values in TARGETS if set(values) <= LESION_VALUES]
 ORGAN_TARGETS = {phrasings[0]: values for phrasings, values in TARGETS if not set(values) <= LESION_VALUES}
 
 
@@ -180,9 +186,10 @@ def rule_score(rows: list[dict], rule: ComponentRule) -> float:
 def candidate_rules() -> list[ComponentRule]:
     """The grid the calibration searches, mildest first (fewest attenuation criteria, then lowest thresholds):
     :func:`best_rule` keeps the first of equals."""
-    grid = [ComponentRule(*values) for values in product(MIN_VOLUMES_ML, MIN_CONFIDENCES, MAX_HU, MIN_HU,
-                                                           MIN_CONTRASTS_HU, MIN_INSIDE)
-            if values[2] is None or values[3] is None or values[3] < values[2]]
+    grid = [ComponentRule(volume, confidence, max_hu, min_hu, contrast, inside)
+            for volume, confidence, max_hu, min_hu, contrast, inside
+            in product(MIN_VOLUMES_ML, MIN_CONFIDENCES, MAX_HU, MIN_HU, MIN_CONTRASTS_HU, MIN_INSIDE)
+            if max_hu is None or min_hu is None or min_hu < max_hu]
     return sorted(grid, key=lambda r: ((r.max_hu is not None) + (r.min_hu is not None) + (r.min_contrast_hu > 0)
                                        + (r.min_inside > 0), r.min_volume_ml + r.min_confidence, r.min_contrast_hu,
                                        r.min_inside))
