@@ -16,9 +16,9 @@ from voxtext.cli import main
 from voxtext.checkpoints import PACKAGE_WEIGHTS
 from voxtext.errors import CheckpointError
 from voxtext.evaluation.metrics import dice
-from voxtext.lesions import (LESION_FOLDER, ORGAN_DILATION_MM, ROUTING_FILE, ComponentRule, LesionRouting, LesionTarget,
-                             apply_rule, grow_by_attenuation, hyperdense_foci, measure_components, padded_box,
-                             within_distance)
+from voxtext.lesions import (DISTANCE_TIE_MM, LESION_FOLDER, ORGAN_DILATION_MM, ROUTING_FILE, ComponentRule,
+                             LesionRouting, LesionTarget, apply_rule, grow_by_attenuation, hyperdense_foci,
+                             measure_components, padded_box, within_distance)
 from voxtext.preprocess import PreprocessConfig, prepare_with_labels
 from voxtext.training.default_model import acquired_phantom
 from voxtext.training.lesion_model import (LESION_SPACING_MM, LESION_VALUES, ORGAN_TARGETS, STONE_HU, best_rule,
@@ -153,11 +153,12 @@ def test_attenuation_rule_keeps_water_dense_cysts_and_drops_blobs_like_their_org
 
 def test_distance_band_on_the_padded_box_equals_the_whole_grid_transform():
     rng = np.random.default_rng(3)
-    for spacing, distance in (((0.78, 0.78, 1.5), 6.0), (2.0, 4.5), ((1.0, 2.5, 0.6), 3.0)):
+    # (0.7, 0.7, 2.1) at 4.2 mm and (1.0, 2.5, 0.6) at 3 mm put many voxels at exactly the threshold: they count.
+    for spacing, distance in (((0.78, 0.78, 1.5), 6.0), (2.0, 4.5), ((1.0, 2.5, 0.6), 3.0), ((0.7, 0.7, 2.1), 4.2)):
         mask = np.zeros((60, 50, 70), bool)
         mask[tuple(rng.integers(10, 40, size=(3, 5)))] = True  # a few scattered voxels
         mask[20:30, 25:35, 40:52] = True
-        whole = ndimage.distance_transform_edt(~mask, sampling=spacing) <= distance
+        whole = ndimage.distance_transform_edt(~mask, sampling=spacing) <= distance + DISTANCE_TIE_MM
         assert (within_distance(mask, spacing, distance) == whole).all()
     assert not within_distance(np.zeros((5, 5, 5), bool), 1.0, 3.0).any()
     mask = np.zeros((30, 30, 30), bool)

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
@@ -54,6 +55,8 @@ GROWTH_MIN_CONTRAST_HU = 20.0  # ... and at most half its contrast to the organ;
 # (an exophytic cyst about 0.65, the bladder beside a liver mask's edge about 0.5); else the component stays as it is.
 GROWTH_MIN_ENCLOSURE = 0.6
 GROWTH_ENCLOSURE_MM = 4.0
+# A voxel at a distance threshold counts as within it, whatever the float rounding of the distance map.
+DISTANCE_TIE_MM = 1e-3
 
 
 @dataclass(frozen=True)
@@ -361,24 +364,33 @@ def grow_by_attenuation(lesion: np.ndarray, hu: np.ndarray, organ: np.ndarray, s
         return lesion
     smooth = ndimage.gaussian_filter(hu.astype(np.float32), GROWTH_SMOOTHING_MM / np.asarray(spacing, float))
     reference = float(np.median(smooth[rest]))
-    reach = within_distance(organ | lesion, spacing, GROWTH_REACH_MM)
-    near_organ = within_distance(organ, spacing, GROWTH_ENCLOSURE_MM)
+    to_organ = distance_to(organ, spacing, GROWTH_REACH_MM)
+    reach = (to_organ <= GROWTH_REACH_MM + DISTANCE_TIE_MM) | within_distance(lesion, spacing, GROWTH_REACH_MM)
+    near_organ = to_organ <= GROWTH_ENCLOSURE_MM + DISTANCE_TIE_MM
     grown = lesion.copy()
-    for component in (labels == c for c in range(1, n + 1)):
-        median = float(np.median(smooth[component]))
+    for c, where in enumerate(ndimage.find_objects(labels), start=1):
+        component = labels[where] == c
+        median = float(np.median(smooth[where][component]))
         contrast = abs(median - reference)
         if contrast < GROWTH_MIN_CONTRAST_HU:
             continue
         core = ndimage.binary_erosion(component, cube)
-        spread = 3.0 * float(smooth[core].std()) if core.any() else 0.0
+        spread = 3.0 * float(smooth[where][core].std()) if core.any() else 0.0
         distance = np.abs(smooth - median)
         band = (distance <= min(contrast / 2, max(GROWTH_HALF_WIDTH_HU, spread))) & reach
-        parts, _ = ndimage.label(ndimage.binary_opening(band, cube) | component, cube)
-        region = np.isin(parts, np.unique(parts[component]))
+        # The grown region lies in the connected part of band | component that holds the component; the morphology
+        # below runs on that part's box, 3 voxels wider (the reach of opening, then two dilations): the same
+        # answer as on the whole array, at a fraction of the cost.
+        seed = tuple(s.start + int(i[0]) for s, i in zip(where, np.nonzero(component)))
+        candidates, _ = ndimage.label(band | (labels == c), cube)
+        part = candidates[seed]
+        box = widened(ndimage.find_objects(candidates, max_label=part)[part - 1], 3, band.shape)
+        parts, _ = ndimage.label(ndimage.binary_opening(band[box], cube) | (labels[box] == c), cube)
+        region = parts == parts[tuple(i - s.start for i, s in zip(seed, box))]
         # The edge: one voxel further, where the lesion's side of half the contrast to its organ ends.
-        region |= ndimage.binary_dilation(region, cube) & (distance <= contrast / 2) & reach
-        if near_organ[ndimage.binary_dilation(region, cube) & ~region].mean() >= GROWTH_MIN_ENCLOSURE:
-            grown |= region
+        region |= ndimage.binary_dilation(region, cube) & (distance[box] <= contrast / 2) & reach[box]
+        if near_organ[box][ndimage.binary_dilation(region, cube) & ~region].mean() >= GROWTH_MIN_ENCLOSURE:
+            grown[box] |= region
     return grown
 
 
@@ -394,16 +406,31 @@ def padded_box(mask: np.ndarray, spacing: float | Sequence[float], margin_mm: fl
     box = []
     for axis in range(mask.ndim):
         hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(max(int(hits[0]) - margin[axis], 0), min(int(hits[-1]) + margin[axis] + 1, mask.shape[axis])))
-    return tuple(box)
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return widened(tuple(box), margin, mask.shape)
+
+
+def widened(box: tuple[slice, ...], voxels: int | Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    """``box`` grown by ``voxels`` (one number, or one per axis) on every side, within an array of ``shape``."""
+    margin = np.broadcast_to(np.asarray(voxels, int), (len(box),))
+    return tuple(slice(max(s.start - int(m), 0), min(s.stop + int(m), n)) for s, m, n in zip(box, margin, shape))
+
+
+def distance_to(mask: np.ndarray, spacing: float | Sequence[float], up_to_mm: float) -> np.ndarray:
+    """The Euclidean distance (mm, physical spacing) of every voxel to ``mask``: exact up to ``up_to_mm``, and
+    infinite where it is certainly further. The distance map (ITK's Maurer transform, multi-threaded) is taken on
+    the mask's box grown by ``up_to_mm`` only: the same answer within that distance, at a fraction of the cost."""
+    distance = np.full(mask.shape, np.inf, np.float32)
+    if mask.any():
+        box = padded_box(mask, spacing, up_to_mm)
+        image = sitk.GetImageFromArray(mask[box].astype(np.uint8))
+        image.SetSpacing([float(s) for s in np.broadcast_to(np.asarray(spacing, float), (mask.ndim,))[::-1]])
+        signed = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
+                                              useImageSpacing=True)
+        distance[box] = np.maximum(sitk.GetArrayViewFromImage(signed), 0.0)
+    return distance
 
 
 def within_distance(mask: np.ndarray, spacing: float | Sequence[float], distance_mm: float) -> np.ndarray:
-    """Voxels at most ``distance_mm`` (Euclidean, physical spacing) from ``mask``. The distance transform is
-    taken on the mask's box grown by that distance only, where every such voxel lies: the same answer, at a
-    fraction of the cost on a large grid."""
-    near = np.zeros(mask.shape, bool)
-    if mask.any():
-        box = padded_box(mask, spacing, distance_mm)
-        near[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing) <= distance_mm
-    return near
+    """Voxels at most ``distance_mm`` (Euclidean, physical spacing) from ``mask``."""
+    return distance_to(mask, spacing, distance_mm) <= distance_mm + DISTANCE_TIE_MM
