@@ -16,8 +16,8 @@ from voxtext.cli import main
 from voxtext.checkpoints import PACKAGE_WEIGHTS
 from voxtext.errors import CheckpointError
 from voxtext.evaluation.metrics import dice
-from voxtext.lesions import (DISTANCE_TIE_MM, LESION_FOLDER, ORGAN_DILATION_MM, ROUTING_FILE, ComponentRule,
-                             LesionRouting, LesionTarget, apply_rule, grow_by_attenuation, hyperdense_foci,
+from voxtext.lesions import (DISTANCE_TIE_MM, LESION_FOLDER, ORGAN_DILATION_MM, ROUTING_FILE, AttenuationGrowth,
+                             ComponentRule, LesionRouting, LesionTarget, apply_rule, hyperdense_foci,
                              measure_components, padded_box, within_distance)
 from voxtext.preprocess import PreprocessConfig, prepare_with_labels
 from voxtext.training.default_model import acquired_phantom
@@ -310,21 +310,21 @@ def _kidney_with_a_cut_off_cyst(seed: int = 0) -> tuple[np.ndarray, np.ndarray, 
 def test_growth_by_attenuation_recovers_a_cyst_the_organ_mask_cut_off():
     hu, organ, answer, cyst = _kidney_with_a_cut_off_cyst()
     assert (organ & cyst).sum() == 0 and dice(answer, cyst) < 0.3
-    grown = grow_by_attenuation(answer, hu, organ, (1.0, 1.0, 1.0))
+    grown = AttenuationGrowth(hu, organ, (1.0, 1.0, 1.0)).grow(answer)
     assert dice(grown, cyst) > 0.9
     assert grown.sum() < 1.2 * cyst.sum()  # not carried along the kidney's edge by the fat-parenchyma rim
     assert np.array_equal(grown & answer, answer)
     # Anisotropic voxels: the same scene at 2 mm between slices (every other slice) grows the same way.
-    thick = grow_by_attenuation(answer[:, :, ::2], hu[:, :, ::2], organ[:, :, ::2], (1.0, 1.0, 2.0))
+    thick = AttenuationGrowth(hu[:, :, ::2], organ[:, :, ::2], (1.0, 1.0, 2.0)).grow(answer[:, :, ::2])
     assert dice(thick, cyst[:, :, ::2]) > 0.85
 
 
 def test_growth_leaves_a_lesion_like_its_organ_and_empty_answers_alone():
     hu, organ, answer, cyst = _kidney_with_a_cut_off_cyst(1)
     faint = np.where(cyst, 150.0, hu)  # 10 HU below the parenchyma: no attenuation to grow by
-    assert np.array_equal(grow_by_attenuation(answer, faint, organ, (1.0, 1.0, 1.0)), answer)
+    assert np.array_equal(AttenuationGrowth(faint, organ, (1.0, 1.0, 1.0)).grow(answer), answer)
     empty = np.zeros_like(answer)
-    assert not grow_by_attenuation(empty, hu, organ, (1.0, 1.0, 1.0)).any()
+    assert not AttenuationGrowth(hu, organ, (1.0, 1.0, 1.0)).grow(empty).any()
 
 
 def test_kidney_cyst_cut_off_by_the_organ_mask_is_grown_back_on_a_held_out_phantom(tmp_path, segmenter):

@@ -46,7 +46,7 @@ ORGAN_MARGIN_MM = 20.0  # context around the organ's bounding box given to the l
 ORGAN_DILATION_MM = 6.0  # how far outside the main model's organ mask a lesion may reach
 RELIABLE_DSC = 0.1  # below this validation DSC a lesion target's answers carry a caution
 HYPERDENSE_SHARE = 0.5  # a focus found by attenuation lies at least this much inside its organ's mask
-# Growing a lesion by attenuation (:func:`grow_by_attenuation`).
+# Growing a lesion by attenuation (:class:`AttenuationGrowth`).
 GROWTH_SMOOTHING_MM = 1.5  # Gaussian sigma of the image the growth reads (noise down, edges kept)
 GROWTH_REACH_MM = 10.0  # how far from the organ mask (or the lesion) a grown lesion may reach
 GROWTH_HALF_WIDTH_HU = 35.0  # the attenuation band: the lesion's median +- this (or 3 SD of its core, if wider) ...
@@ -85,11 +85,11 @@ def measure_components(
     in) when it is given, and their attenuation when ``hu`` (the CT image, same grid) is given too."""
     labels, n = ndimage.label(probability > threshold, structure=np.ones((3, 3, 3)))
     index = np.arange(1, n + 1)
-    size = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    size = component_sizes(labels, n)
     confidence = np.asarray(ndimage.mean(probability, labels, index), np.float64).reshape(n)
     if organ is None:
         return Components(labels, size * voxel_ml, confidence)
-    inside = inside_share(labels, n, organ)
+    inside = inside_share(labels, organ, size)
     if hu is None:
         return Components(labels, size * voxel_ml, confidence, inside=inside)
     found = labels > 0
@@ -164,7 +164,7 @@ class LesionTarget:
     # (:func:`hyperdense_foci`; CT only).
     hyperdense_hu: float | None = None
     # On CT, the model's components grown to the connected voxels of their own attenuation
-    # (:func:`grow_by_attenuation`).
+    # (:class:`AttenuationGrowth`).
     grow_by_attenuation: bool = False
 
     @property
@@ -267,7 +267,7 @@ class LesionStage:
         (bool, the volume's grid); zero outside the (slightly dilated) organ and in the components of
         ``p > threshold`` that their target rejects. A target found by attenuation (``hyperdense_hu``) is 1 on the
         organ's :func:`hyperdense_foci` on CT and 0 elsewhere (on any other modality everywhere); a target grown by
-        attenuation is 1 where :func:`grow_by_attenuation` adds to the model's components (CT only), and its rule
+        attenuation is 1 where :class:`AttenuationGrowth` adds to the model's components (CT only), and its rule
         judges the grown components.
         ``modality``: as the main model prepared the volume."""
         out = np.zeros((len(prompts), *volume.shape), np.float32)
@@ -278,6 +278,7 @@ class LesionStage:
         hu = volume.array[box] if modality == "CT" else None  # a view: only the rule and the threshold read it
         asked = [prompt for prompt, target in zip(prompts, targets) if target.hyperdense_hu is None]
         modelled = self._model_probabilities(volume, box, organ, asked, modality, windows, cancel)
+        growth = AttenuationGrowth(hu, organ[box], spacing) if hu is not None else None
         voxel_ml = float(np.prod(spacing)) / 1000.0
         for i, target in enumerate(targets):
             if target.hyperdense_hu is None:
@@ -286,9 +287,8 @@ class LesionStage:
                 probability = hyperdense_foci(hu, organ[box], target.hyperdense_hu).astype(np.float32)
             else:
                 probability = np.zeros(organ[box].shape, np.float32)
-            if target.grow_by_attenuation and hu is not None:
-                grown = grow_by_attenuation(probability > threshold, hu, organ[box], spacing)
-                probability = np.maximum(probability, grown.astype(np.float32))
+            if target.grow_by_attenuation and growth is not None:
+                probability = np.maximum(probability, growth.grow(probability > threshold).astype(np.float32))
             out[(i, *box)] = apply_rule(probability, threshold, target.rule, voxel_ml, hu, organ[box])
         return out
 
@@ -334,10 +334,15 @@ def apply_rule(
     return np.where(np.isin(found.labels, rejected), 0.0, probability).astype(probability.dtype, copy=False)
 
 
-def inside_share(labels: np.ndarray, n: int, organ: np.ndarray) -> np.ndarray:
-    """For components ``labels`` 1..n: the share of each one's voxels inside ``organ`` (bool, same grid)."""
-    size = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    return np.bincount(labels[organ], minlength=n + 1)[1:] / np.maximum(size, 1)
+def component_sizes(labels: np.ndarray, n: int) -> np.ndarray:
+    """The voxel count of each of the components ``labels`` 1..n."""
+    return np.bincount(labels.ravel(), minlength=n + 1)[1:]
+
+
+def inside_share(labels: np.ndarray, organ: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """For components ``labels`` 1..n of :func:`component_sizes` ``size``: the share of each one's voxels inside
+    ``organ`` (bool, same grid)."""
+    return np.bincount(labels[organ], minlength=len(size) + 1)[1:] / np.maximum(size, 1)
 
 
 def hyperdense_foci(hu: np.ndarray, organ: np.ndarray, min_hu: float) -> np.ndarray:
@@ -345,53 +350,70 @@ def hyperdense_foci(hu: np.ndarray, organ: np.ndarray, min_hu: float) -> np.ndar
     :data:`HYPERDENSE_SHARE` inside ``organ`` (bool, same grid): the organ's calcifications, not the bone or
     enhanced vessel that its mask grazes."""
     labels, n = ndimage.label(hu >= min_hu, structure=np.ones((3, 3, 3)))
-    return np.isin(labels, 1 + np.flatnonzero(inside_share(labels, n, organ) >= HYPERDENSE_SHARE))
+    inside = inside_share(labels, organ, component_sizes(labels, n))
+    return np.isin(labels, 1 + np.flatnonzero(inside >= HYPERDENSE_SHARE))
 
 
-def grow_by_attenuation(lesion: np.ndarray, hu: np.ndarray, organ: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """``lesion`` (bool) with each of its components (26-neighbourhood) grown to the connected voxels of its own
-    attenuation on the CT ``hu`` (same grid, smoothed by :data:`GROWTH_SMOOTHING_MM`): those within the
-    component's median +- :data:`GROWTH_HALF_WIDTH_HU` (or 3 SD of its core, if wider) and at most half its
-    contrast to the rest of ``organ`` (bool), opened by one voxel (so the partial-volume rim between two tissues
-    does not carry the growth along an organ's edge), within :data:`GROWTH_REACH_MM` of the organ or the lesion,
-    and one voxel further where the lesion's side of half that contrast reaches. A component differing from its
-    organ by less than :data:`GROWTH_MIN_CONTRAST_HU`, or whose grown surface is not enclosed by the organ
-    (:data:`GROWTH_MIN_ENCLOSURE`), is kept as it is."""
-    cube = np.ones((3, 3, 3), bool)
-    labels, n = ndimage.label(lesion, structure=cube)
-    rest = organ & ~lesion
-    if not n or not rest.any():
-        return lesion
-    smooth = ndimage.gaussian_filter(hu.astype(np.float32), GROWTH_SMOOTHING_MM / np.asarray(spacing, float))
-    reference = float(np.median(smooth[rest]))
-    to_organ = distance_to(organ, spacing, GROWTH_REACH_MM)
-    reach = (to_organ <= GROWTH_REACH_MM + DISTANCE_TIE_MM) | within_distance(lesion, spacing, GROWTH_REACH_MM)
-    near_organ = to_organ <= GROWTH_ENCLOSURE_MM + DISTANCE_TIE_MM
-    grown = lesion.copy()
-    for c, where in enumerate(ndimage.find_objects(labels), start=1):
-        component = labels[where] == c
-        median = float(np.median(smooth[where][component]))
-        contrast = abs(median - reference)
-        if contrast < GROWTH_MIN_CONTRAST_HU:
-            continue
-        core = ndimage.binary_erosion(component, cube)
-        spread = 3.0 * float(smooth[where][core].std()) if core.any() else 0.0
-        distance = np.abs(smooth - median)
-        band = (distance <= min(contrast / 2, max(GROWTH_HALF_WIDTH_HU, spread))) & reach
-        # The grown region lies in the connected part of band | component that holds the component; the morphology
-        # below runs on that part's box, 3 voxels wider (the reach of opening, then two dilations): the same
-        # answer as on the whole array, at a fraction of the cost.
-        seed = tuple(s.start + int(i[0]) for s, i in zip(where, np.nonzero(component)))
-        candidates, _ = ndimage.label(band | (labels == c), cube)
-        part = candidates[seed]
-        box = widened(ndimage.find_objects(candidates, max_label=part)[part - 1], 3, band.shape)
-        parts, _ = ndimage.label(ndimage.binary_opening(band[box], cube) | (labels[box] == c), cube)
-        region = parts == parts[tuple(i - s.start for i, s in zip(seed, box))]
-        # The edge: one voxel further, where the lesion's side of half the contrast to its organ ends.
-        region |= ndimage.binary_dilation(region, cube) & (distance[box] <= contrast / 2) & reach[box]
-        if near_organ[box][ndimage.binary_dilation(region, cube) & ~region].mean() >= GROWTH_MIN_ENCLOSURE:
-            grown[box] |= region
-    return grown
+class AttenuationGrowth:
+    """Lesions of one ``organ`` (bool) grown by attenuation on one CT (``hu``, same grid, voxel ``spacing`` in mm):
+    the smoothed image and the organ's distance map are taken once, when first needed, for every lesion grown in
+    it."""
+
+    def __init__(self, hu: np.ndarray, organ: np.ndarray, spacing: Sequence[float]) -> None:
+        self.hu, self.organ, self.spacing = hu, organ, spacing
+
+    @functools.cached_property
+    def smooth(self) -> np.ndarray:
+        sigma = GROWTH_SMOOTHING_MM / np.asarray(self.spacing, float)
+        return ndimage.gaussian_filter(self.hu.astype(np.float32), sigma)
+
+    @functools.cached_property
+    def to_organ(self) -> np.ndarray:
+        return distance_to(self.organ, self.spacing, GROWTH_REACH_MM)
+
+    def grow(self, lesion: np.ndarray) -> np.ndarray:
+        """``lesion`` (bool) with each of its components (26-neighbourhood) grown to the connected voxels of its
+        own attenuation on the CT (smoothed by :data:`GROWTH_SMOOTHING_MM`): those within the component's median
+        +- :data:`GROWTH_HALF_WIDTH_HU` (or 3 SD of its core, if wider) and at most half its contrast to the rest of
+        the organ, opened by one voxel (so the partial-volume rim between two tissues does not carry the growth
+        along an organ's edge), within :data:`GROWTH_REACH_MM` of the organ or the lesion, and one voxel further
+        where the lesion's side of half that contrast reaches. A component differing from its organ by less than
+        :data:`GROWTH_MIN_CONTRAST_HU`, or whose grown surface is not enclosed by the organ
+        (:data:`GROWTH_MIN_ENCLOSURE`), is kept as it is."""
+        cube = np.ones((3, 3, 3), bool)
+        labels, n = ndimage.label(lesion, structure=cube)
+        rest = self.organ & ~lesion
+        if not n or not rest.any():
+            return lesion
+        smooth = self.smooth
+        reference = float(np.median(smooth[rest]))
+        reach = at_most(self.to_organ, GROWTH_REACH_MM) | within_distance(lesion, self.spacing, GROWTH_REACH_MM)
+        near_organ = at_most(self.to_organ, GROWTH_ENCLOSURE_MM)
+        grown = lesion.copy()
+        for c, where in enumerate(ndimage.find_objects(labels), start=1):
+            component = labels[where] == c
+            median = float(np.median(smooth[where][component]))
+            contrast = abs(median - reference)
+            if contrast < GROWTH_MIN_CONTRAST_HU:
+                continue
+            core = ndimage.binary_erosion(component, cube)
+            spread = 3.0 * float(smooth[where][core].std()) if core.any() else 0.0
+            distance = np.abs(smooth - median)
+            band = (distance <= min(contrast / 2, max(GROWTH_HALF_WIDTH_HU, spread))) & reach
+            # The grown region lies in the connected part of band | component that holds the component; the
+            # morphology below runs on that part's box, 3 voxels wider (the reach of opening, then two dilations):
+            # the same answer as on the whole array, at a fraction of the cost.
+            seed = tuple(s.start + int(i[0]) for s, i in zip(where, np.nonzero(component)))
+            candidates, _ = ndimage.label(band | (labels == c), cube)
+            part = candidates[seed]
+            box = widened(ndimage.find_objects(candidates, max_label=part)[part - 1], 3, band.shape)
+            parts, _ = ndimage.label(ndimage.binary_opening(band[box], cube) | (labels[box] == c), cube)
+            region = parts == parts[tuple(i - s.start for i, s in zip(seed, box))]
+            # The edge: one voxel further, where the lesion's side of half the contrast to its organ ends.
+            region |= ndimage.binary_dilation(region, cube) & (distance[box] <= contrast / 2) & reach[box]
+            if near_organ[box][ndimage.binary_dilation(region, cube) & ~region].mean() >= GROWTH_MIN_ENCLOSURE:
+                grown[box] |= region
+        return grown
 
 
 def organ_surroundings(image: np.ndarray, organ: np.ndarray, spacing_mm: float, dilation_mm: float) -> np.ndarray:
@@ -431,6 +453,12 @@ def distance_to(mask: np.ndarray, spacing: float | Sequence[float], up_to_mm: fl
     return distance
 
 
+def at_most(distance: np.ndarray, distance_mm: float) -> np.ndarray:
+    """Voxels of a :func:`distance_to` map at most ``distance_mm`` away (a voxel at the threshold is within it,
+    :data:`DISTANCE_TIE_MM`)."""
+    return distance <= distance_mm + DISTANCE_TIE_MM
+
+
 def within_distance(mask: np.ndarray, spacing: float | Sequence[float], distance_mm: float) -> np.ndarray:
     """Voxels at most ``distance_mm`` (Euclidean, physical spacing) from ``mask``."""
-    return distance_to(mask, spacing, distance_mm) <= distance_mm + DISTANCE_TIE_MM
+    return at_most(distance_to(mask, spacing, distance_mm), distance_mm)
