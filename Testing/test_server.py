@@ -95,7 +95,7 @@ def test_round_trip_equals_in_process(segmenter: Segmenter, tmp_path) -> None:
     case = generate_phantom(5, shape=(36, 36, 24), spacing=(4.0, 4.0, 4.0))  # the central 14 cm: one window
     path = tmp_path / "ct.nii.gz"
     Volume(case.image, case.affine).save(path)
-    prompts = ["liver", "spleen"]  # their masks overlap here: two label-map layers
+    prompts = ["liver", "hepatic parenchyma"]  # two phrasings of one organ: overlapping masks, two label-map layers
     local = segmenter.segment(path, prompts, quality="fast")
     assert (local.masks.sum(0) > 1).any()  # overlapping masks must survive the trip
     with serve(segmenter, token=TOKEN) as url, RemoteSegmenter(url, TOKEN) as remote:

@@ -17,6 +17,7 @@ from voxtext.errors import InputError
 from voxtext.evaluation.metrics import dice
 from voxtext.models.esica import ESICAConfig
 from voxtext.models.esica.text import load_tokenizer
+from voxtext.phantom import LABELS
 from voxtext.training.cases import CropSampler, Target, TrainingCase, batch_stream, crop
 from voxtext.training.seg_trainer import (
     SegLoss,
@@ -168,6 +169,24 @@ def test_sampler_places_crops_on_weighted_targets_and_asks_their_anchor():
     # The anchor is asked first, so the prompt follows the weights: 1:1 -> about 1/2, 4:1 -> about 4/5.
     assert 0.4 < ball_share(1.0) < 0.6
     assert 0.72 < ball_share(4.0) < 0.88
+
+
+def test_default_main_model_asks_phantom_lesions_only_as_absent():
+    from voxtext.training.default_model import LESION_LABELS, phantom_case
+
+    seed = next(s for s in range(1, 20) if set(np.unique(phantom_case(s).labels).tolist()) & LESION_LABELS)
+    case = phantom_case(seed, lesions=False)
+    lesion_names = {t.name for t in phantom_case(seed).present if set(t.values) <= LESION_LABELS}
+    assert lesion_names and not lesion_names & {t.name for t in case.present}
+    liver = next(t for t in case.present if t.name == "liver")
+    assert set(liver.values) >= {LABELS["liver cyst"], LABELS["liver tumor"]}  # organs keep their lesions
+    phrasings = {p: t for t in case.targets for p in t.phrasings}
+    sampler = CropSampler([case], (48, 48, 48), pos_ratio=1.0, absent_prompt_prob=0.5, seed=6, prompts_per_crop=4)
+    samples = [sampler.sample() for _ in range(20)]
+    asked = [(phrasings[p], label) for s in samples for p, label in zip(s.prompts, s.label)]
+    lesion_answers = [label for t, label in asked if t.name in lesion_names]
+    assert lesion_answers and not any(label.any() for label in lesion_answers)
+    assert any(label.any() for t, label in asked if t.values)  # organs in the crop come with their masks
 
 
 def test_prompts_per_image_shares_one_encoding():

@@ -158,12 +158,22 @@ LESION_LABELS = {value for name, value in LABELS.items() if name.endswith(("cyst
 LESION_ANCHOR_WEIGHT = 3.0
 
 
-def phantom_case(seed: int, spacing: float = SPACING_MM) -> TrainingCase:
-    """A procedural abdominal CT on the model grid, with every phantom target (organs include their lesions)."""
+def phantom_target(phrasings: tuple[str, ...], values: tuple[int, ...], lesions: bool) -> Target:
+    if not set(values) <= LESION_LABELS:
+        return Target(phrasings, values)
+    return Target(phrasings, values, LESION_ANCHOR_WEIGHT) if lesions else Target(phrasings, ())
+
+
+def phantom_case(seed: int, spacing: float = SPACING_MM, lesions: bool = True) -> TrainingCase:
+    """A procedural abdominal CT on the model grid, with every phantom target (organs include their lesions).
+
+    ``lesions=False``: lesion phrasings are asked only as absent structures (empty masks). The embedded
+    default's lesion prompts go to its lesion stage (:mod:`voxtext.lesions`), so its main model spends its
+    steps on the organs and learns only to answer lesion prompts empty.
+    """
     volume, case = acquired_phantom(seed)
     prepared, grid_labels = prepare_with_labels(volume, case.labels, PreprocessConfig(target_spacing=spacing))
-    targets = [Target(phrasings, values, LESION_ANCHOR_WEIGHT if set(values) <= LESION_LABELS else 1.0)
-               for phrasings, values in TARGETS]
+    targets = [phantom_target(phrasings, values, lesions) for phrasings, values in TARGETS]
     return TrainingCase(f"phantom/{seed}", "abdomen-ct", prepared.image, grid_labels.astype(np.int16), targets)
 
 
@@ -175,7 +185,7 @@ RECIPE_STEPS = (1150, 380, 1070)
 
 
 def training_cases() -> list[TrainingCase]:
-    cases = [phantom_case(seed) for seed in TRAIN_PHANTOM_SEEDS]
+    cases = [phantom_case(seed, lesions=False) for seed in TRAIN_PHANTOM_SEEDS]
     cases += [prepare_case(s) for s in real_sources() if not is_held_out(s.name)]
     return cases
 
