@@ -159,6 +159,8 @@ LESION_ANCHOR_WEIGHT = 3.0
 
 
 def phantom_target(phrasings: tuple[str, ...], values: tuple[int, ...], lesions: bool) -> Target:
+    """A phantom target; a lesion one is up-weighted as a crop anchor, or, without ``lesions``, covers no label
+    value, so it is never present and only asked with an empty mask."""
     if not set(values) <= LESION_LABELS:
         return Target(phrasings, values)
     return Target(phrasings, values, LESION_ANCHOR_WEIGHT) if lesions else Target(phrasings, ())
