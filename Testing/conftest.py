@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -126,16 +127,22 @@ def siglip_loss_worker(rank: int, world: int, init_file: str, arrays: dict, out_
     """
     import torch.distributed as dist
 
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.save(_siglip_rank_result(rank, arrays), f"{out_dir}/rank{rank}.pt")
+    # One CI run saw a rank abort at teardown ("terminate called without an active exception"). The all-gather's
+    # autograd node keeps a reference to the process group; the graph is freed above, inside the helper, and
+    # collected here, so the group is not destroyed late, during interpreter shutdown. The barrier makes every
+    # rank finish its backward collectives before any tears gloo down.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _siglip_rank_result(rank: int, arrays: dict) -> dict[str, torch.Tensor]:
     from voxtext.models.siglip import sigmoid_loss
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     image = arrays["image_embeds"][rank : rank + 1].clone().requires_grad_()
     text = arrays["text_embeds"][rank : rank + 1].clone().requires_grad_()
     loss, logits = sigmoid_loss(image, text, arrays["t_prime"], arrays["bias"])
     loss.backward()
-    torch.save({"loss": loss.detach(), "logits": logits.detach(), "image_grad": image.grad, "text_grad": text.grad},
-               f"{out_dir}/rank{rank}.pt")
-    # Wait for every rank's backward collectives: tearing gloo down while a peer still talks to this
-    # process made that peer abort ("terminate called without an active exception") in one CI run.
-    dist.barrier()
-    dist.destroy_process_group()
+    return {"loss": loss.detach(), "logits": logits.detach(), "image_grad": image.grad, "text_grad": text.grad}

@@ -14,11 +14,11 @@ from scipy import ndimage
 from voxtext import Segmenter, Volume
 from voxtext.cli import main
 from voxtext.checkpoints import PACKAGE_WEIGHTS
+from voxtext.distances import DISTANCE_TIE_MM, padded_box, within_distance
 from voxtext.errors import CheckpointError
 from voxtext.evaluation.metrics import dice
-from voxtext.lesions import (DISTANCE_TIE_MM, LESION_FOLDER, ORGAN_DILATION_MM, ROUTING_FILE, AttenuationGrowth,
-                             ComponentRule, LesionRouting, LesionTarget, apply_rule, hyperdense_foci,
-                             measure_components, padded_box, within_distance)
+from voxtext.lesions import (LESION_FOLDER, ORGAN_DILATION_MM, ROUTING_FILE, AttenuationGrowth, ComponentRule,
+                             LesionRouting, LesionTarget, apply_rule, hyperdense_foci, measure_components)
 from voxtext.preprocess import PreprocessConfig, prepare_with_labels
 from voxtext.training.default_model import acquired_phantom
 from voxtext.training.lesion_model import (LESION_SPACING_MM, LESION_VALUES, ORGAN_TARGETS, STONE_HU, best_rule,

@@ -23,6 +23,7 @@ from .laterality import apply_laterality
 from .lesions import LesionStage
 from .postprocess import OverlapPolicy, OverlapResolver, clean_mask
 from .preprocess import PreprocessConfig, prepare, restore
+from .refinement import refine_by_attenuation
 from .segmentation import Segmentation
 from .volume import Volume
 
@@ -125,6 +126,7 @@ class Segmenter:
         overlap_policy: OverlapPolicy = "independent",
         laterality: bool = True,
         lesion_stage: bool = True,
+        refine: bool = True,
         modality: str | None = None,
         return_probabilities: bool = False,
         progress: bool | ProgressCallback = False,
@@ -133,7 +135,10 @@ class Segmenter:
         """Segment every prompt in ``volume``; masks come back on exactly the input grid.
 
         With ``lesion_stage`` (and a model that has one, as the embedded default), lesion prompts are answered
-        by its finer-grid lesion model inside the organ the main model finds (:mod:`voxtext.lesions`).
+        by its finer-grid lesion model inside the organ the main model finds (:mod:`voxtext.lesions`). With
+        ``refine``, on CT the boundaries of the main model's answers are decided by attenuation within a few
+        millimetres of where the model puts them (:mod:`voxtext.refinement`); returned probabilities are then 0
+        or 1 where the refinement changed the answer.
         """
         prompts = normalize_prompts(prompts)
         if quality not in QUALITY_PRESETS:
@@ -174,9 +179,11 @@ class Segmenter:
         organ_masks = {}
         for i, prompt in enumerate(asked):
             prob = restore(prepared, torch.sigmoid(logits[i]), "linear").astype(np.float32, copy=False)
-            if prompt in organs:
+            if prompt in organs:  # the lesion stage's rules were calibrated on the model's own organ masks
                 organ_masks[prompt] = prob > threshold
             if prompt in prompts and prompt not in routes:
+                if refine and prepared.modality == "CT":
+                    prob = refine_by_attenuation(prob, region.array, region.spacing, threshold)
                 answer(prompt, prob)
         for within in dict.fromkeys(target.within for target in routes.values()):
             group = [p for p, target in routes.items() if target.within == within]

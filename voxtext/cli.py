@@ -50,6 +50,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         overlap_policy="argmax" if args.argmax else "independent",
         laterality=not args.no_laterality,
         lesion_stage=not args.no_lesion_stage,
+        refine=not args.no_refine,
         modality=args.modality,
         progress=not args.quiet,
     )
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep mask parts on the other side of the body for 'left ...'/'right ...' prompts")
     seg.add_argument("--no-lesion-stage", action="store_true",
                      help="answer lesion prompts with the main model too, not the model's finer-grid lesion stage")
+    seg.add_argument("--no-refine", action="store_true",
+                     help="keep the model's boundaries on CT (not refined by attenuation within a few mm)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     seg.add_argument("--server", default=None, help="segment on a 'voxtext serve' server at this URL")

@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
 from .checkpoints import load_esica
+from .distances import at_most, distance_to, padded_box, widened, within_distance
 from .errors import CheckpointError
 from .inference import ESICAInferer, Precision, WindowConfig
 from .preprocess import PreprocessConfig, prepare, restore, to_model_grid
@@ -55,8 +55,6 @@ GROWTH_MIN_CONTRAST_HU = 20.0  # ... and at most half its contrast to the organ;
 # (an exophytic cyst about 0.65, the bladder beside a liver mask's edge about 0.5); else the component stays as it is.
 GROWTH_MIN_ENCLOSURE = 0.6
 GROWTH_ENCLOSURE_MM = 4.0
-# A voxel at a distance threshold counts as within it, whatever the float rounding of the distance map.
-DISTANCE_TIE_MM = 1e-3
 
 
 @dataclass(frozen=True)
@@ -420,45 +418,3 @@ def organ_surroundings(image: np.ndarray, organ: np.ndarray, spacing_mm: float, 
     """A prepared image (values 0..1, isotropic ``spacing_mm``) blanked to 0 further than ``dilation_mm`` from
     ``organ``: the lesion model sees the organ and a thin rim, not the neighbours that look like lesions."""
     return np.where(within_distance(organ, spacing_mm, dilation_mm), image, 0.0).astype(np.float32)
-
-
-def padded_box(mask: np.ndarray, spacing: float | Sequence[float], margin_mm: float) -> tuple[slice, ...]:
-    """The bounding box of ``mask`` (not empty) grown by ``margin_mm`` on every side, within the array."""
-    margin = np.ceil(margin_mm / np.broadcast_to(np.asarray(spacing, float), (mask.ndim,))).astype(int)
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return widened(tuple(box), margin, mask.shape)
-
-
-def widened(box: tuple[slice, ...], voxels: int | Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
-    """``box`` grown by ``voxels`` (one number, or one per axis) on every side, within an array of ``shape``."""
-    margin = np.broadcast_to(np.asarray(voxels, int), (len(box),))
-    return tuple(slice(max(s.start - int(m), 0), min(s.stop + int(m), n)) for s, m, n in zip(box, margin, shape))
-
-
-def distance_to(mask: np.ndarray, spacing: float | Sequence[float], up_to_mm: float) -> np.ndarray:
-    """The Euclidean distance (mm, physical spacing) of every voxel to ``mask``: exact up to ``up_to_mm``, and
-    infinite where it is certainly further. The distance map (ITK's Maurer transform, multi-threaded) is taken on
-    the mask's box grown by ``up_to_mm`` only: the same answer within that distance, at a fraction of the cost."""
-    distance = np.full(mask.shape, np.inf, np.float32)
-    if mask.any():
-        box = padded_box(mask, spacing, up_to_mm)
-        image = sitk.GetImageFromArray(mask[box].astype(np.uint8))
-        image.SetSpacing([float(s) for s in np.broadcast_to(np.asarray(spacing, float), (mask.ndim,))[::-1]])
-        signed = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
-                                              useImageSpacing=True)
-        distance[box] = np.maximum(sitk.GetArrayViewFromImage(signed), 0.0)
-    return distance
-
-
-def at_most(distance: np.ndarray, distance_mm: float) -> np.ndarray:
-    """Voxels of a :func:`distance_to` map at most ``distance_mm`` away (a voxel at the threshold is within it,
-    :data:`DISTANCE_TIE_MM`)."""
-    return distance <= distance_mm + DISTANCE_TIE_MM
-
-
-def within_distance(mask: np.ndarray, spacing: float | Sequence[float], distance_mm: float) -> np.ndarray:
-    """Voxels at most ``distance_mm`` (Euclidean, physical spacing) from ``mask``."""
-    return at_most(distance_to(mask, spacing, distance_mm), distance_mm)

@@ -102,6 +102,7 @@ class RemoteSegmenter(RemoteModel):
         overlap_policy: OverlapPolicy = "independent",
         laterality: bool = True,
         lesion_stage: bool = True,
+        refine: bool = True,
         modality: str | None = None,
         return_probabilities: bool = False,
         progress: bool | ProgressCallback = False,
@@ -119,8 +120,8 @@ class RemoteSegmenter(RemoteModel):
         fields = {"prompts": prompts, "quality": quality, "threshold": threshold,
                   "overlap": overlap, "pass_num": pass_num, "roi": None if roi is None else json.dumps(roi),
                   "keep_largest": keep_largest, "fill_holes": fill_holes, "overlap_policy": overlap_policy,
-                  "laterality": laterality,
-                  "lesion_stage": lesion_stage, "modality": modality or volume.modality}
+                  "laterality": laterality, "lesion_stage": lesion_stage, "refine": refine,
+                  "modality": modality or volume.modality}
         with progress_callback(progress) as report:
             def on_event(event: dict[str, Any]) -> None:
                 if event["event"] == "progress" and report is not None and event["total"]:

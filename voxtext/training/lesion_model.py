@@ -25,8 +25,9 @@ import torch
 
 from ..api import Segmenter
 from ..checkpoints import build_esica
+from ..distances import padded_box
 from ..lesions import (ROUTING_FILE, ComponentRule, LesionRouting, LesionStage, LesionTarget, measure_components,
-                       organ_surroundings, padded_box)
+                       organ_surroundings)
 from ..phantom import LABELS, TARGETS
 from ..preprocess import PreprocessConfig, prepare_with_labels
 from .cases import Target, TrainingCase
