@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
+import nibabel as nib
 import numpy as np
 import pytest
+from conftest import SHARED
 from scipy import ndimage
 
 from voxtext import Segmenter, Volume
+from voxtext.api import as_volume
 from voxtext.evaluation.metrics import dice
 from voxtext.refinement import BAND_MM, MIN_PROBABILITY, refine_by_attenuation
 from voxtext.training.default_model import acquired_phantom
@@ -102,3 +107,23 @@ def test_refinement_raises_organ_dice_of_the_default_model_on_a_held_out_phantom
     mr = Volume(volume.array, volume.affine, "MR")
     assert (segmenter.segment(mr, ["liver"], quality="fast").masks
             == segmenter.segment(mr, ["liver"], quality="fast", refine=False).masks).all()
+
+
+def test_refinement_on_a_real_ct_against_totalsegmentator_output(segmenter):
+    """The real CT series of ``../shared/data`` (20 slices of upper abdomen) against TotalSegmentator's output for it
+    (a model's, not a manual reference): refined, the default model's masks agree better on average (measured mean
+    DSC 0.32 -> 0.39 over six structures; the model, trained on phantoms, is weak on real CT either way)."""
+    folder = SHARED / "data" / "real_ct_mr_io"
+    ids = {name: int(v) for v, name in json.loads((folder / "class_map_total_and_total_mr.json").read_text())[
+        "total"].items()}
+    volume = as_volume(folder / "dicom_case" / "example_ct_dicom")
+    reference = as_volume(folder / "dicom_case" / "example_seg_dicom.nii.gz")
+    to_ct = nib.orientations.ornt_transform(nib.io_orientation(reference.affine), nib.io_orientation(volume.affine))
+    labels = nib.orientations.apply_orientation(np.asarray(reference.array), to_ct)
+    structures = {"liver": ["liver"], "spleen": ["spleen"], "stomach": ["stomach"], "aorta": ["aorta"],
+                  "inferior vena cava": ["inferior_vena_cava"], "vertebrae": ["vertebrae_T11", "vertebrae_T12"]}
+    truth = {s: np.isin(labels, [ids[n] for n in names]) for s, names in structures.items()}
+    scores = [np.mean([dice(result.mask(s), truth[s]) for s in structures])
+              for result in (segmenter.segment(volume, list(structures), quality="fast", refine=refine)
+                             for refine in (False, True))]
+    assert scores[1] > scores[0] + 0.03, scores

@@ -25,6 +25,7 @@ EXPECTED = {
         "outputSegmentationSelector": "qMRMLNodeComboBox",
         "existingSegmentsSelector": "QComboBox",
         "probabilityCheckBox": "QCheckBox",
+        "refineCheckBox": "QCheckBox",
         "applyButton": "QPushButton",
         "cancelButton": "QPushButton",
         "progressBar": "QProgressBar",

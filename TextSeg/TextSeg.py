@@ -106,6 +106,7 @@ class TextSegWidget(ScriptedLoadableModuleWidget):
             model=NAMED_MODELS.get(name) or self.ui.modelPathEdit.currentPath.strip(),
             device=DEVICES[self.ui.deviceSelector.currentIndex],
             quality=QUALITIES[self.ui.qualitySelector.currentIndex],
+            refine=self.ui.refineCheckBox.checked,
             probabilities=self.ui.probabilityCheckBox.checked,
             server=self.ui.serverEdit.text.strip(),
         )

@@ -41,6 +41,8 @@ class SegmentOptions:
     model: str = "default"
     device: Device = "auto"
     quality: Quality = "fast"
+    # On CT, boundaries decided by attenuation within a few mm of the model's (voxtext.refinement).
+    refine: bool = True
     probabilities: bool = False
     # A ``voxtext serve`` URL runs the model there (its token comes from VOXTEXT_TOKEN, never from a file).
     server: str = ""

@@ -101,6 +101,7 @@ def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
         volume,
         job["prompts"],
         quality=options["quality"],
+        refine=options["refine"],
         return_probabilities=options["probabilities"],
         progress=lambda done, total: emit({"event": "progress", "done": done, "total": total}),
         cancel=cancel,
