@@ -13,10 +13,11 @@ from scipy import ndimage
 from voxtext import Segmenter, Volume
 from voxtext.api import as_volume
 from voxtext.evaluation.metrics import dice
-from voxtext.refinement import BAND_MM, MIN_PROBABILITY, refine_by_attenuation
+from voxtext.refinement import BAND_VOXELS, MIN_PROBABILITY, refine_by_attenuation
 from voxtext.training.default_model import acquired_phantom
 
 SPACING = (1.5, 1.5, 2.0)
+MODEL_MM = 5.0  # the grid the probabilities below pretend to come from
 
 
 def ellipsoid(shape, centre, radii) -> np.ndarray:
@@ -44,22 +45,33 @@ def organ_in_fat():
 
 def test_a_coarse_boundary_moves_to_the_organ_edge(organ_in_fat):
     hu, truth, probability = organ_in_fat
-    refined = refine_by_attenuation(probability.copy(), hu, SPACING, 0.5)
+    refined = refine_by_attenuation(probability.copy(), hu, SPACING, 0.5, MODEL_MM)
     assert dice(probability > 0.5, truth) < 0.85
     assert dice(refined > 0.5, truth) > 0.97
     # Only voxels near the model's boundary change, to 0 (left) or 1 (joined); the input is not touched.
     changed = refined != probability
     distance = ndimage.distance_transform_edt(probability <= 0.5, sampling=SPACING) + ndimage.distance_transform_edt(
         probability > 0.5, sampling=SPACING)
-    assert changed.any() and distance[changed].max() <= BAND_MM + 2.0
+    assert changed.any() and distance[changed].max() <= BAND_VOXELS * MODEL_MM + np.linalg.norm(SPACING)
     assert set(np.unique(refined[changed])) <= {0.0, 1.0}
+
+
+def test_the_band_follows_the_model_grid(organ_in_fat):
+    """A model on a 1.5 mm grid places its boundary to within about 1.5 mm: only that close to it is decided."""
+    hu, truth, probability = organ_in_fat
+    changed = refine_by_attenuation(probability.copy(), hu, SPACING, 0.5, 1.5) != probability
+    distance = ndimage.distance_transform_edt(probability <= 0.5, sampling=SPACING) + ndimage.distance_transform_edt(
+        probability > 0.5, sampling=SPACING)
+    # (inside, ITK measures to the mask's outermost voxels, the distance map here to the first voxel beyond them:
+    # up to one voxel diagonal more)
+    assert changed.any() and distance[changed].max() <= BAND_VOXELS * 1.5 + np.linalg.norm(SPACING)
 
 
 def test_an_under_read_organ_grows_only_where_the_model_hesitates(organ_in_fat):
     hu, truth, _ = organ_in_fat
     inner = ndimage.distance_transform_edt(truth, sampling=SPACING) > 4.0
     probability = coarse_probability(inner, 0.0)
-    refined = refine_by_attenuation(probability.copy(), hu, SPACING, 0.5)
+    refined = refine_by_attenuation(probability.copy(), hu, SPACING, 0.5, MODEL_MM)
     assert dice(refined > 0.5, truth) > dice(probability > 0.5, truth) + 0.05
     assert not ((refined > 0.5) & (probability <= MIN_PROBABILITY)).any()
 
@@ -77,7 +89,7 @@ def test_a_brighter_rim_stays_and_a_detached_blob_is_not_added():
     hu[blob] = 250.0
     probability = coarse_probability(outer, 0.0)
     probability[blob] = np.maximum(probability[blob], 0.45)
-    refined = refine_by_attenuation(probability.copy(), hu, SPACING, 0.5) > 0.5
+    refined = refine_by_attenuation(probability.copy(), hu, SPACING, 0.5, MODEL_MM) > 0.5
     assert (refined & outer).sum() >= 0.99 * outer.sum()
     assert dice(refined, outer) > 0.9
     assert not (refined & blob).any()
@@ -87,7 +99,7 @@ def test_nothing_to_refine_comes_back_unchanged(organ_in_fat):
     hu, _, _ = organ_in_fat
     for value in (0.2, 0.9):  # no mask; a mask without surroundings to compare with
         probability = np.full(hu.shape, value, np.float32)
-        assert (refine_by_attenuation(probability, hu, SPACING, 0.5) == value).all()
+        assert (refine_by_attenuation(probability, hu, SPACING, 0.5, MODEL_MM) == value).all()
 
 
 @pytest.fixture(scope="module")

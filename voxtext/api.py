@@ -183,7 +183,7 @@ class Segmenter:
                 organ_masks[prompt] = prob > threshold
             if prompt in prompts and prompt not in routes:
                 if refine and prepared.modality == "CT":
-                    prob = refine_by_attenuation(prob, region.array, region.spacing, threshold)
+                    prob = refine_by_attenuation(prob, region.array, region.spacing, threshold, spacing)
                 answer(prompt, prob)
         for within in dict.fromkeys(target.within for target in routes.values()):
             group = [p for p, target in routes.items() if target.within == within]

@@ -2,8 +2,8 @@
 
 A model answering on a coarse grid (the embedded default works at 5 mm) places a boundary, once its probability is
 interpolated to the scan, to within about one of its voxels. On CT the edge of an organ is where its attenuation
-ends, and the scan resolves it: within :data:`BAND_MM` of the model's boundary each voxel is decided by the image,
-lightly smoothed against noise. The organ's attenuation is measured in its core (deeper than :data:`CORE_MM` in the
+ends, and the scan resolves it: within about one model voxel of the model's boundary (:data:`BAND_VOXELS`) each voxel
+is decided by the image, lightly smoothed against noise. The organ's attenuation is measured in its core (deeper than :data:`CORE_MM` in the
 model's mask) and its surroundings' in a shell just outside (:data:`RING_MM`). A voxel the model keeps stays unless
 its attenuation is nearer the surroundings' than the organ's (fat around the liver, a water-dense neighbour); a voxel
 the model hesitates on joins where its attenuation is the organ's. Voxels further from the boundary keep the
@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from .distances import padded_box, signed_distance
 
-BAND_MM = 6.0  # a little more than one 5 mm model voxel on either side of the model's boundary
+BAND_VOXELS = 1.2  # the band decided: a little more than one model voxel on either side of the model's boundary
 CORE_MM = 5.0  # the organ's attenuation: the median of its mask at least this deep
 RING_MM = (4.0, 10.0)  # its surroundings': the median of this shell outside the mask
 SMOOTHING_MM = 1.0  # Gaussian sigma of the image read (noise down, edges kept)
@@ -30,10 +30,11 @@ CUBE = np.ones((3, 3, 3), bool)
 
 
 def refine_by_attenuation(
-    probability: np.ndarray, hu: np.ndarray, spacing: Sequence[float], threshold: float
+    probability: np.ndarray, hu: np.ndarray, spacing: Sequence[float], threshold: float, model_spacing_mm: float
 ) -> np.ndarray:
-    """``probability`` (a model's, on the grid of the CT ``hu`` with voxel ``spacing`` in mm) with the boundary of
-    its mask (``p > threshold``) decided by attenuation (module docstring): a voxel of the band that leaves the
+    """``probability`` (a model's, on the grid of the CT ``hu`` with voxel ``spacing`` in mm; the model answered on
+    an isotropic ``model_spacing_mm`` grid) with the boundary of its mask (``p > threshold``) decided by attenuation
+    within ``BAND_VOXELS * model_spacing_mm`` of it (module docstring): a voxel of the band that leaves the
     mask gets probability 0, one that joins it 1, as a lesion grown by attenuation. Connected components
     (26-neighbourhood) that hold none of the model's mask beyond the band are dropped, so nothing is found that
     the model did not place. ``probability`` is changed in place (a whole-scan copy costs more than the
@@ -41,7 +42,8 @@ def refine_by_attenuation(
     mask = probability > threshold
     if not mask.any():
         return probability
-    box = padded_box(mask, spacing, RING_MM[1] + 2 * SMOOTHING_MM)
+    band_mm = BAND_VOXELS * model_spacing_mm
+    box = padded_box(mask, spacing, max(band_mm, RING_MM[1]) + 2 * SMOOTHING_MM)
     mask, prob = mask[box], probability[box]
     smooth = ndimage.gaussian_filter(hu[box].astype(np.float32), SMOOTHING_MM / np.asarray(spacing, float))
     distance = signed_distance(mask, spacing)  # mm; negative inside the mask
@@ -54,7 +56,7 @@ def refine_by_attenuation(
     spread = 1.4826 * float(np.median(np.abs(smooth[core] - organ)))  # robust SD (scaled MAD)
     surroundings = float(np.median(smooth[ring]))
     tolerance = max(SPREAD_SD * spread, abs(organ - surroundings) / 2)
-    band = np.flatnonzero(np.abs(distance) <= BAND_MM)  # the voxels decided here, as flat indices of the box
+    band = np.flatnonzero(np.abs(distance) <= band_mm)  # the voxels decided, as flat indices of the box
     values, inside = smooth.ravel()[band], mask.ravel()[band]
     to_organ = np.abs(values - organ)
     keeps = inside & (to_organ <= np.abs(values - surroundings))
