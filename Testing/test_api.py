@@ -126,7 +126,11 @@ def test_cli_writes_label_map_sidecar_and_seg_nrrd(tmp_path, phantom, capsys):
     labels = nib.load(out)
     np.testing.assert_allclose(labels.affine, phantom.affine)
     assert labels.shape == phantom.image.shape
-    assert json.loads((out.parent / "seg.json").read_text())["labels"] == {"1": "liver", "2": "left kidney"}
+    sidecar = json.loads((out.parent / "seg.json").read_text())
+    assert sidecar["labels"] == {"1": "liver", "2": "left kidney"}
+    assert sidecar["refined_by_attenuation"] == ["liver", "left kidney"]
+    assert main([*args, "--overwrite", "--no-refine"]) == 0
+    assert json.loads((out.parent / "seg.json").read_text())["refined_by_attenuation"] == []
     seg = slicerio.read_segmentation(str(out.parent / "seg.seg.nrrd"))
     assert [s["name"] for s in seg["segments"]] == ["liver", "left kidney"]
     assert "embedded default model" in capsys.readouterr().err

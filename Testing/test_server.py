@@ -111,6 +111,7 @@ def test_round_trip_equals_in_process(segmenter: Segmenter, tmp_path) -> None:
     np.testing.assert_array_equal(result.masks, local.masks)
     np.testing.assert_array_equal(result.affine, local.affine)
     assert result.volumes_ml() == local.volumes_ml()
+    assert result.refined == local.refined == prompts  # CT (guessed from its values): refined by attenuation
     assert all(0 < d <= t for d, t in ticks)
 
 

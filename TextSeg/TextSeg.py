@@ -182,6 +182,8 @@ class TextSegWidget(ScriptedLoadableModuleWidget):
             notes = []
             if name in result.lesion_stage:
                 notes.append(f"Answered by the model's lesion stage, within {' and '.join(result.lesion_stage[name])}.")
+            if name in result.refined:
+                notes.append("Boundary refined by attenuation (CT).")
             if name in result.cautions:
                 notes.append(f"Caution: {result.cautions[name]}.")
             item.setToolTip(" ".join(notes))

@@ -176,7 +176,7 @@ class Segmenter:
             logits = self.inferer.logits(torch.from_numpy(prepared.image), text, windows, report, cancel).float().cpu()
         if laterality:
             apply_laterality(logits.numpy(), asked, prepared, math.log(threshold / (1.0 - threshold)))
-        organ_masks = {}
+        organ_masks, refined = {}, []
         for i, prompt in enumerate(asked):
             prob = restore(prepared, torch.sigmoid(logits[i]), "linear").astype(np.float32, copy=False)
             if prompt in organs:  # the lesion stage's rules were calibrated on the model's own organ masks
@@ -184,6 +184,7 @@ class Segmenter:
             if prompt in prompts and prompt not in routes:
                 if refine and prepared.modality == "CT":
                     prob = refine_by_attenuation(prob, region.array, region.spacing, threshold, spacing)
+                    refined.append(prompt)
                 answer(prompt, prob)
         for within in dict.fromkeys(target.within for target in routes.values()):
             group = [p for p, target in routes.items() if target.within == within]
@@ -198,7 +199,7 @@ class Segmenter:
         within = {p: list(target.within) for p, target in routes.items()}
         cautions = {p: target.caution for p, target in routes.items() if target.caution}
         return Segmentation(masks, prompts, volume.affine, probabilities, model=self.model_name, lesion_stage=within,
-                            cautions=cautions)
+                            cautions=cautions, refined=refined)
 
 
 def available_memory_bytes() -> int:

@@ -2,13 +2,13 @@
 
 A model answering on a coarse grid (the embedded default works at 5 mm) places a boundary, once its probability is
 interpolated to the scan, to within about one of its voxels. On CT the edge of an organ is where its attenuation
-ends, and the scan resolves it: within about one model voxel of the model's boundary (:data:`BAND_VOXELS`) each voxel
-is decided by the image, lightly smoothed against noise. The organ's attenuation is measured in its core (deeper than :data:`CORE_MM` in the
-model's mask) and its surroundings' in a shell just outside (:data:`RING_MM`). A voxel the model keeps stays unless
-its attenuation is nearer the surroundings' than the organ's (fat around the liver, a water-dense neighbour); a voxel
-the model hesitates on joins where its attenuation is the organ's. Voxels further from the boundary keep the
-model's answer: two organs of one attenuation that touch (liver and inferior vena cava) are told apart by the
-model only.
+ends, and the scan resolves it: within about one model voxel of the model's boundary (:data:`BAND_VOXELS`) each
+voxel is decided by the image, lightly smoothed against noise. The organ's attenuation is measured in its core
+(deeper than :data:`CORE_MM` in the model's mask) and its surroundings' in a shell just outside (:data:`RING_MM`).
+A voxel the model keeps stays unless its attenuation is nearer the surroundings' than the organ's (fat around the
+liver, a water-dense neighbour); a voxel the model hesitates on joins where its attenuation is the organ's. Voxels
+further from the boundary keep the model's answer: two organs of one attenuation that touch (liver and inferior
+vena cava) are told apart by the model only.
 """
 
 from __future__ import annotations

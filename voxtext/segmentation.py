@@ -35,6 +35,7 @@ class Segmentation:
     colors: list[tuple[float, float, float]] = field(default_factory=list)
     lesion_stage: dict[str, list[str]] = field(default_factory=dict)  # prompt -> organs it was sought in
     cautions: dict[str, str] = field(default_factory=dict)  # prompt -> why its (empty) answer may mislead
+    refined: list[str] = field(default_factory=list)  # prompts whose boundaries were refined by attenuation (CT)
 
     def __post_init__(self) -> None:
         if self.masks.ndim != 4 or len(self.masks) != len(self.prompts):
@@ -84,7 +85,8 @@ class Segmentation:
         sidecar = path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
         sidecar.write_text(json.dumps({"labels": self.label_table(), "model": self.model,
                                        "volumes_ml": self.volumes_ml(),
-                                       "lesion_stage": self.lesion_stage, "cautions": self.cautions}, indent=2))
+                                       "lesion_stage": self.lesion_stage, "cautions": self.cautions,
+                                       "refined_by_attenuation": self.refined}, indent=2))
         return [path, sidecar]
 
     def save_seg_nrrd(self, path: Path) -> Path:

@@ -212,7 +212,7 @@ class SegmentationJob(WorkerJob):
         if masks.shape != (len(self.prompts), *self.shape):
             raise JobError("internal", f"the worker returned masks of shape {masks.shape} for a {self.shape} volume")
         return Segmentation(masks, self.prompts, self.affine, probabilities, model=self.options.model,
-                            lesion_stage=notes["lesion_stage"], cautions=notes["cautions"])
+                            lesion_stage=notes["lesion_stage"], cautions=notes["cautions"], refined=notes["refined"])
 
 
 def _parse_event(line: str) -> JobEvent:

@@ -236,5 +236,6 @@ def _segmentation(result: dict, volume: Volume) -> Segmentation:
     masks = masks_from_layers(labels, [s["layer"] for s in segments])
     within = {s["prompt"]: s["lesion_stage_within"] for s in segments if s.get("lesion_stage_within")}
     cautions = {s["prompt"]: s["caution"] for s in segments if s.get("caution")}
+    refined = [s["prompt"] for s in segments if s.get("refined")]
     return Segmentation(masks, [s["prompt"] for s in segments], volume.affine, model=result["model"],
-                        lesion_stage=within, cautions=cautions)
+                        lesion_stage=within, cautions=cautions, refined=refined)

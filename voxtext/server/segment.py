@@ -64,6 +64,7 @@ class SegmentInfo(BaseModel):
                                           "main model answered")
     caution: str = Field("", description="why this answer (an empty one above all) may mislead: set when the model "
                                          "was measured unreliable for this target; empty otherwise")
+    refined: bool = Field(False, description="its boundary was refined by attenuation (CT)")
 
 
 class SegmentationResult(BaseModel):
@@ -97,7 +98,7 @@ def _run(data: bytes, options: SegmentOptions, max_bytes: int) -> Callable[[Segm
         segments = [SegmentInfo(label=i + 1, layer=layer_of[i], prompt=p, voxels=int(counts[i]),
                                 volume_ml=float(counts[i]) * result.voxel_volume_ml,
                                 lesion_stage_within=result.lesion_stage.get(p, []),
-                                caution=result.cautions.get(p, ""))
+                                caution=result.cautions.get(p, ""), refined=p in result.refined)
                     for i, p in enumerate(result.prompts)]
         encoded = base64.b64encode(encode_nifti(labels, result.affine)).decode("ascii")
         seconds = time.perf_counter() - t0

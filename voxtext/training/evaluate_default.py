@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..api import Segmenter
-from ..evaluation.metrics import dice
+from ..evaluation.metrics import dice, normalized_surface_dice
 from ..phantom import LABELS
 from .default_model import HELD_OUT_PHANTOM_SEEDS, acquired_phantom, is_held_out, load_source, real_sources
 
@@ -28,14 +28,19 @@ LESIONS = ["liver tumor", "liver cyst", "kidney cyst", "kidney stone"]
 NEAR_EMPTY_ML = 1.0  # a prompt of an absent structure counts as answered "empty" below this volume
 
 
-def evaluate_phantom(segmenter: Segmenter, seed: int, quality: str, laterality: bool = True) -> dict:
+def evaluate_phantom(
+    segmenter: Segmenter, seed: int, quality: str, laterality: bool = True, refine: bool = True
+) -> dict:
     volume, case = acquired_phantom(seed)
     present = {t[0][0] for t in case.targets}
     organs = [o for o in ORGANS if o in present]
     lesions = [t for t in LESIONS if t in present]
     absent = [t for t in LESIONS if t not in present]
-    result = segmenter.segment(volume, organs + lesions + absent, quality=quality, laterality=laterality)
+    result = segmenter.segment(volume, organs + lesions + absent, quality=quality, laterality=laterality,
+                               refine=refine)
     row = {"seed": seed, "organ_dice": {o: dice(result.mask(o), case.target_mask(o)) for o in organs},
+           "organ_nsd": {o: normalized_surface_dice(result.mask(o), case.target_mask(o), volume.spacing)
+                         for o in organs},
            "lesion_dice": {t: dice(result.mask(t), case.target_mask(t)) for t in lesions},
            "absent_volume_ml": {t: result.volumes_ml()[t] for t in absent}}
     left, right = case.labels == LABELS["left kidney"], case.labels == LABELS["right kidney"]
@@ -49,19 +54,19 @@ def _segmenter(model: str) -> Segmenter:
     return Segmenter(model, device="cpu")
 
 
-def _evaluate_seed(model: str, quality: str, laterality: bool, seed: int) -> dict:
+def _evaluate_seed(model: str, quality: str, laterality: bool, refine: bool, seed: int) -> dict:
     """One phantom's row, with the model loaded once per process."""
-    return evaluate_phantom(_segmenter(model), seed, quality, laterality)
+    return evaluate_phantom(_segmenter(model), seed, quality, laterality, refine)
 
 
-def evaluate_real(segmenter: Segmenter, quality: str) -> list[dict]:
+def evaluate_real(segmenter: Segmenter, quality: str, refine: bool = True) -> list[dict]:
     rows = []
     for source in real_sources():
         if not is_held_out(source.name):
             continue
         volume, labels = load_source(source)
         prompts = [t.name for t in source.targets]
-        result = segmenter.segment(volume, prompts, quality=quality)
+        result = segmenter.segment(volume, prompts, quality=quality, refine=refine)
         for target in source.targets:
             rows.append({"case": source.name, "prompt": target.name,
                          "dice": dice(result.mask(target.name), np.isin(labels, target.values))})
@@ -74,15 +79,19 @@ def summarize(phantoms: list[dict], real: list[dict]) -> dict:
     absent = [v for r in phantoms for v in r["absent_volume_ml"].values()]
     per_organ = {o: float(np.mean([r["organ_dice"][o] for r in phantoms if o in r["organ_dice"]]))
                  for o in ORGANS if any(o in r["organ_dice"] for r in phantoms)}
+    per_organ_nsd = {o: float(np.mean([r["organ_nsd"][o] for r in phantoms if o in r["organ_nsd"]]))
+                     for o in per_organ}
     per_lesion = {t: float(np.mean([r["lesion_dice"][t] for r in phantoms if t in r["lesion_dice"]]))
                   for t in LESIONS if any(t in r["lesion_dice"] for r in phantoms)}
     return {
         "phantoms": len(phantoms),
         "organ_dice_mean": float(np.mean(organ)) if organ else None,
+        "organ_nsd_mean": float(np.mean([v for r in phantoms for v in r["organ_nsd"].values()])) if organ else None,
         "lesion_dice_mean": float(np.mean(lesion)) if lesion else None,
         "kidney_swap_rate": float(np.mean([r["kidney_swapped"] for r in phantoms])) if phantoms else None,
         "absent_empty_rate": float(np.mean([v < NEAR_EMPTY_ML for v in absent])) if absent else None,
         "per_organ_dice": per_organ,
+        "per_organ_nsd": per_organ_nsd,
         "per_lesion_dice": per_lesion,
         "real": real,
     }
@@ -95,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", default="accurate", choices=["accurate", "fast"])
     parser.add_argument("--out", default="runs/eval-default.json")
     parser.add_argument("--no-laterality", action="store_true", help="the model's raw masks for sided prompts")
+    parser.add_argument("--no-refine", action="store_true", help="the model's own boundaries (no refinement on CT)")
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--workers", type=int, default=1, help="phantoms evaluated in parallel (1 thread each)")
     args = parser.parse_args(argv)
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         done = {row["seed"]: row for row in map(json.loads, rows_file.read_text().splitlines())}
     seeds = list(HELD_OUT_PHANTOM_SEEDS)[: args.phantoms]
     todo = [seed for seed in seeds if seed not in done]
-    job = partial(_evaluate_seed, args.model, args.quality, not args.no_laterality)
+    job = partial(_evaluate_seed, args.model, args.quality, not args.no_laterality, not args.no_refine)
     with ProcessPoolExecutor(args.workers, initializer=torch.set_num_threads, initargs=(1,)) if args.workers > 1 \
             else nullcontext() as pool:
         for row in (pool.map(job, todo) if pool else map(job, todo)):
@@ -116,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"phantom {row['seed']}: organ DSC {np.mean(list(row['organ_dice'].values())):.3f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
     phantoms = [done[seed] for seed in seeds]
-    summary = summarize(phantoms, [] if args.skip_real else evaluate_real(_segmenter(args.model), args.quality))
-    summary.update(model=args.model, quality=args.quality, laterality=not args.no_laterality,
+    real = [] if args.skip_real else evaluate_real(_segmenter(args.model), args.quality, not args.no_refine)
+    summary = summarize(phantoms, real)
+    summary.update(model=args.model, quality=args.quality, laterality=not args.no_laterality, refine=not args.no_refine,
                    seconds=round(time.time() - t0, 1))
     Path(args.out).write_text(json.dumps({"summary": summary, "phantom_rows": phantoms}, indent=2))
     print(json.dumps(summary, indent=2))
