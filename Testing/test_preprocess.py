@@ -200,6 +200,9 @@ def test_modality_guess_and_precedence():
     mr = rng.gamma(2.0, 100.0, (20, 20, 20)).astype(np.float32)
     assert guess_modality(ct) == "CT" and guess_modality(mr) == "MR"
     assert guess_modality(np.where(rng.random((20, 20, 20)) < 0.001, -1000, 40)) == "MR"  # a stray low voxel
+    fat_no_air = np.where(rng.random((20, 20, 20)) < 0.2, -100, 50) + rng.normal(0, 15, (20, 20, 20))
+    assert guess_modality(fat_no_air) == "CT"  # an abdominal crop: fat, no air
+    assert guess_modality(rng.normal(0, 1, (20, 20, 20))) == "MR"  # z-scored MR, as BraTS 2015's
     assert prepare(Volume.from_numpy(ct), KEEP_GRID).modality == "CT"
     assert prepare(Volume.from_numpy(ct, modality="MR"), KEEP_GRID).modality == "MR"
     assert prepare(Volume.from_numpy(ct, modality="MR"), PreprocessConfig(modality="ct")).modality == "CT"

@@ -25,6 +25,7 @@ from .postprocess import OverlapPolicy, OverlapResolver, clean_mask
 from .preprocess import PreprocessConfig, prepare, restore
 from .refinement import refine_by_attenuation
 from .segmentation import Segmentation
+from .vocabulary import TrainedVocabulary
 from .volume import Volume
 
 Quality = Literal["accurate", "fast"]
@@ -110,6 +111,7 @@ class Segmenter:
         network, tokenizer = load_esica(folder, device=self.device)
         self.inferer = ESICAInferer(network, tokenizer, self.device, precision)
         self.lesion_stage = LesionStage.of(folder, self.device, precision)
+        self.vocabulary = TrainedVocabulary.of(folder)
 
     def segment(
         self,
@@ -135,7 +137,8 @@ class Segmenter:
         """Segment every prompt in ``volume``; masks come back on exactly the input grid.
 
         With ``lesion_stage`` (and a model that has one, as the embedded default), lesion prompts are answered
-        by its finer-grid lesion model inside the organ the main model finds (:mod:`voxtext.lesions`). With
+        by its finer-grid lesion model inside the organ the main model finds (:mod:`voxtext.lesions`). A prompt the
+        model learned on other modalities only carries a caution (:mod:`voxtext.vocabulary`). With
         ``refine``, on CT the boundaries of the main model's answers are decided by attenuation within a few
         millimetres of where the model puts them (:mod:`voxtext.refinement`); returned probabilities are then 0
         or 1 where the refinement changed the answer.
@@ -198,6 +201,9 @@ class Segmenter:
             masks[(i, *slices)] = clean_mask(mask, keep_largest, fill_holes)
         within = {p: list(target.within) for p, target in routes.items()}
         cautions = {p: target.caution for p, target in routes.items() if target.caution}
+        if self.vocabulary is not None:
+            cautions |= self.vocabulary.cautions([p for p in prompts if p not in routes], prepared.modality,
+                                                 self.inferer.embed_prompts)
         return Segmentation(masks, prompts, volume.affine, probabilities, model=self.model_name, lesion_stage=within,
                             cautions=cautions, refined=refined)
 

@@ -28,9 +28,10 @@ Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 # transpose is SimpleITK's GetArrayFromImage order of an LPS image, i.e. the model's (z, y, x).
 CANONICAL_AXES = ("L", "P", "S")
 _CANONICAL_ORNT = axcodes2ornt(CANONICAL_AXES)
-# Hounsfield-unit signature used to recognise CT: air below this value ...
-CT_AIR_HU = -500.0
-# ... and at least this fraction of voxels below -200 HU (air, lung, padding).
+# Hounsfield-unit signature used to recognise CT: at least CT_LOW_FRACTION of the voxels at or below CT_LOW_HU
+# (fat, lung, air, padding; a crop of the abdomen without air still holds fat). MR, PET and US intensities are
+# non-negative, or z-scores a few units either side of 0.
+CT_LOW_HU = -50.0
 CT_LOW_FRACTION = 0.05
 
 
@@ -132,10 +133,9 @@ class PreparedVolume:
 
 
 def guess_modality(array: np.ndarray) -> str:
-    """``"CT"`` when the values look like Hounsfield units (air present, >= 5 % below -200), else ``"MR"``."""
-    if float(array.min()) >= CT_AIR_HU:
-        return "MR"
-    return "CT" if np.count_nonzero(array < -200) >= CT_LOW_FRACTION * array.size else "MR"
+    """``"CT"`` when the values look like Hounsfield units (>= 5 % of the voxels at or below -50: fat, lung, air),
+    else ``"MR"``."""
+    return "CT" if np.count_nonzero(array <= CT_LOW_HU) >= CT_LOW_FRACTION * array.size else "MR"
 
 
 def normalize_intensity(array: np.ndarray, modality: str, config: PreprocessConfig) -> np.ndarray:

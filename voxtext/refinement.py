@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .distances import padded_box, signed_distance
+from .distances import DISTANCE_TIE_MM, at_most, padded_box, signed_distance
 
 BAND_VOXELS = 1.2  # the band decided: a little more than one model voxel on either side of the model's boundary
 CORE_MM = 5.0  # the organ's attenuation: the median of its mask at least this deep
@@ -46,17 +46,19 @@ def refine_by_attenuation(
     box = padded_box(mask, spacing, max(band_mm, RING_MM[1]) + 2 * SMOOTHING_MM)
     mask, prob = mask[box], probability[box]
     smooth = ndimage.gaussian_filter(hu[box].astype(np.float32), SMOOTHING_MM / np.asarray(spacing, float))
-    distance = signed_distance(mask, spacing)  # mm; negative inside the mask
-    ring = (distance > RING_MM[0]) & (distance <= RING_MM[1])
+    # mm, negative inside the mask; thresholds with a tie margin, so that a voxel exactly at one (a spacing's
+    # multiple) is on the same side whatever the float rounding of the spacing (as read from another file format)
+    distance = signed_distance(mask, spacing)
+    ring = (distance > RING_MM[0] + DISTANCE_TIE_MM) & at_most(distance, RING_MM[1])
     if not ring.any():
         return probability
-    core = distance <= -CORE_MM
+    core = at_most(distance, -CORE_MM)
     core = core if core.any() else mask
     organ = float(np.median(smooth[core]))
     spread = 1.4826 * float(np.median(np.abs(smooth[core] - organ)))  # robust SD (scaled MAD)
     surroundings = float(np.median(smooth[ring]))
     tolerance = max(SPREAD_SD * spread, abs(organ - surroundings) / 2)
-    band = np.flatnonzero(np.abs(distance) <= band_mm)  # the voxels decided, as flat indices of the box
+    band = np.flatnonzero(at_most(np.abs(distance), band_mm))  # the voxels decided, as flat indices of the box
     values, inside = smooth.ravel()[band], mask.ravel()[band]
     to_organ = np.abs(values - organ)
     keeps = inside & (to_organ <= np.abs(values - surroundings))

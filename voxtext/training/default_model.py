@@ -21,6 +21,7 @@ from ..models.esica import ESICA, ESICAConfig
 from ..models.esica.text import load_tokenizer
 from ..phantom import LABELS, TARGETS, PhantomCase, generate_phantom
 from ..preprocess import PreprocessConfig, prepare_with_labels
+from ..vocabulary import TrainedVocabulary
 from ..volume import Volume
 from .cases import CropSampler, Target, TrainingCase, batch_stream
 from .seg_trainer import SegTrainer, StageConfig, TrainConfig, seed_everything
@@ -186,6 +187,19 @@ GROUP_WEIGHTS = {"abdomen-ct": 0.6, "brain-mr": 0.3, "lesion-ct": 0.1}
 RECIPE_STEPS = (1150, 380, 1070)
 
 
+def trained_modalities() -> dict[str, list[str]]:
+    """Each phrasing the recipe asks, with the modalities of the images it is asked on (``trained_on.json``)."""
+    learned: dict[str, set[str]] = {}
+    for phrasings, _ in TARGETS:  # the phantoms are CT
+        for phrasing in phrasings:
+            learned.setdefault(phrasing, set()).add("CT")
+    for source in real_sources():
+        for target in source.targets:
+            for phrasing in target.phrasings:
+                learned.setdefault(phrasing, set()).add(source.modality.removesuffix("-windowed"))
+    return {phrasing: sorted(modalities) for phrasing, modalities in sorted(learned.items())}
+
+
 def training_cases() -> list[TrainingCase]:
     cases = [phantom_case(seed, lesions=False) for seed in TRAIN_PHANTOM_SEEDS]
     cases += [prepare_case(s) for s in real_sources() if not is_held_out(s.name)]
@@ -235,7 +249,9 @@ def train(output_dir: str, steps: tuple[int, int, int], threads: int, init_from:
     seed_everything(42)
     cases = training_cases()
     model = load_esica(init_from, tokenizer=False)[0] if init_from else build_esica(DEFAULT_CONFIG)
-    return fit_on_cases(model, cases, recipe(output_dir, steps), GROUP_WEIGHTS)
+    final = fit_on_cases(model, cases, recipe(output_dir, steps), GROUP_WEIGHTS)
+    TrainedVocabulary(trained_modalities()).save(final)
+    return final
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,45 @@
+"""What the embedded default learned each phrasing on, and the caution on prompts asked on another modality."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from voxtext import Segmenter, Volume
+from voxtext.checkpoints import PACKAGE_WEIGHTS
+from voxtext.errors import CheckpointError
+from voxtext.training.default_model import acquired_phantom, trained_modalities
+from voxtext.vocabulary import TRAINED_ON_FILE, TrainedVocabulary
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return Segmenter("default", device="cpu")
+
+
+def test_the_shipped_vocabulary_is_the_recipe_s():
+    shipped = TrainedVocabulary.of(PACKAGE_WEIGHTS / "esica-default")
+    assert shipped.modalities == {p: tuple(m) for p, m in trained_modalities().items()}
+    assert shipped.modalities["brain tumor"] == ("MR",) and shipped.modalities["liver"] == ("CT",)
+
+
+def test_prompts_learned_on_another_modality_carry_a_caution(segmenter):
+    volume, _ = acquired_phantom(10_001)
+    prompts = ["glioblastoma", "left hippocampus", "liver", "kidney on the left side", "liver cyst"]
+    result = segmenter.segment(volume, prompts, quality="fast")
+    assert set(result.cautions) == {"glioblastoma", "left hippocampus"}
+    assert "on MR images only, not CT" in result.cautions["glioblastoma"]
+    assert (result.mask("glioblastoma") == segmenter.segment(volume, ["glioblastoma"], quality="fast").masks[0]).all()
+    on_mr = segmenter.segment(Volume(volume.array, volume.affine, "MR"), ["liver", "brain tumor"], quality="fast")
+    assert list(on_mr.cautions) == ["liver"] and "'liver' on CT images only, not MR" in on_mr.cautions["liver"]
+
+
+def test_vocabulary_file_round_trip_and_bad_files(tmp_path):
+    vocabulary = TrainedVocabulary({"liver": ["CT"], "brain tumor": ["MR"]})
+    vocabulary.save(tmp_path)
+    assert TrainedVocabulary.of(tmp_path).modalities == vocabulary.modalities
+    assert TrainedVocabulary.of(tmp_path / "missing") is None
+    (tmp_path / TRAINED_ON_FILE).write_text(json.dumps({"phrasings": []}))
+    with pytest.raises(CheckpointError, match="not a valid trained_on.json"):
+        TrainedVocabulary.of(tmp_path)
