@@ -43,3 +43,17 @@ def test_vocabulary_file_round_trip_and_bad_files(tmp_path):
     (tmp_path / TRAINED_ON_FILE).write_text(json.dumps({"phrasings": []}))
     with pytest.raises(CheckpointError, match="not a valid trained_on.json"):
         TrainedVocabulary.of(tmp_path)
+
+
+def test_structures_the_model_never_learned_are_answered_empty(segmenter):
+    """"gallbladder" was routed to the kidney-stone finder (its nearest lesion phrasing) before it was known unknown."""
+    volume, _ = acquired_phantom(10_001)
+    result = segmenter.segment(volume, ["prostate", "gallbladder", "liver", "splenic tissue"], quality="fast")
+    assert set(result.cautions) == {"prostate", "gallbladder"}
+    assert "not a structure this model learned" in result.cautions["gallbladder"]
+    assert result.lesion_stage == {}
+    volumes = result.volumes_ml()
+    assert volumes["prostate"] == volumes["gallbladder"] == 0.0 and volumes["liver"] > 1000 and volumes[
+        "splenic tissue"] > 50
+    alone = segmenter.segment(volume, ["adrenal gland"], quality="fast", return_probabilities=True)
+    assert not alone.masks.any() and not alone.probabilities.any() and list(alone.cautions) == ["adrenal gland"]

@@ -137,8 +137,9 @@ class Segmenter:
         """Segment every prompt in ``volume``; masks come back on exactly the input grid.
 
         With ``lesion_stage`` (and a model that has one, as the embedded default), lesion prompts are answered
-        by its finer-grid lesion model inside the organ the main model finds (:mod:`voxtext.lesions`). A prompt the
-        model learned on other modalities only carries a caution (:mod:`voxtext.vocabulary`). With
+        by its finer-grid lesion model inside the organ the main model finds (:mod:`voxtext.lesions`). With a
+        model that lists what it learned (:mod:`voxtext.vocabulary`), a prompt of a structure it never learned is
+        answered empty, and one it learned on other modalities only carries a caution. With
         ``refine``, on CT the boundaries of the main model's answers are decided by attenuation within a few
         millimetres of where the model puts them (:mod:`voxtext.refinement`); returned probabilities are then 0
         or 1 where the refinement changed the answer.
@@ -160,11 +161,14 @@ class Segmenter:
             overlap=preset.overlap if overlap is None else overlap,
             pass_num=preset.pass_num if pass_num is None else pass_num,
         )
-        routes = self.lesion_stage.routing.route(prompts, self.inferer.embed_prompts) if (
-            lesion_stage and self.lesion_stage) else {}
+        # Prompts of structures the model never learned are answered empty (those of a model with a vocabulary).
+        unknown = self.vocabulary.unknown(prompts, self.inferer.embed_prompts) if self.vocabulary else {}
+        known = [p for p in prompts if p not in unknown]
+        routes = self.lesion_stage.routing.route(known, self.inferer.embed_prompts) if (
+            lesion_stage and self.lesion_stage and known) else {}
         # The main model answers the other prompts and segments the organs the routed lesions lie in.
         organs = list(dict.fromkeys(o for target in routes.values() for o in target.within))
-        asked = [p for p in prompts if p not in routes] + [o for o in organs if o not in prompts]
+        asked = [p for p in known if p not in routes] + [o for o in organs if o not in prompts]
         resolver = OverlapResolver(overlap_policy, threshold, region.shape, len(prompts))
         probabilities = np.zeros((len(prompts), *volume.shape), np.float32) if return_probabilities else None
 
@@ -174,21 +178,23 @@ class Segmenter:
             if probabilities is not None:
                 probabilities[(i, *slices)] = prob
 
-        text = self.inferer.embed_prompts(asked)
-        with progress_callback(progress) as report:
-            logits = self.inferer.logits(torch.from_numpy(prepared.image), text, windows, report, cancel).float().cpu()
-        if laterality:
-            apply_laterality(logits.numpy(), asked, prepared, math.log(threshold / (1.0 - threshold)))
         organ_masks, refined = {}, []
-        for i, prompt in enumerate(asked):
-            prob = restore(prepared, torch.sigmoid(logits[i]), "linear").astype(np.float32, copy=False)
-            if prompt in organs:  # the lesion stage's rules were calibrated on the model's own organ masks
-                organ_masks[prompt] = prob > threshold
-            if prompt in prompts and prompt not in routes:
-                if refine and prepared.modality == "CT":
-                    prob = refine_by_attenuation(prob, region.array, region.spacing, threshold, spacing)
-                    refined.append(prompt)
-                answer(prompt, prob)
+        if asked:
+            text = self.inferer.embed_prompts(asked)
+            with progress_callback(progress) as report:
+                logits = self.inferer.logits(torch.from_numpy(prepared.image), text, windows, report, cancel)
+            logits = logits.float().cpu()
+            if laterality:
+                apply_laterality(logits.numpy(), asked, prepared, math.log(threshold / (1.0 - threshold)))
+            for i, prompt in enumerate(asked):
+                prob = restore(prepared, torch.sigmoid(logits[i]), "linear").astype(np.float32, copy=False)
+                if prompt in organs:  # the lesion stage's rules were calibrated on the model's own organ masks
+                    organ_masks[prompt] = prob > threshold
+                if prompt in prompts and prompt not in routes:
+                    if refine and prepared.modality == "CT":
+                        prob = refine_by_attenuation(prob, region.array, region.spacing, threshold, spacing)
+                        refined.append(prompt)
+                    answer(prompt, prob)
         for within in dict.fromkeys(target.within for target in routes.values()):
             group = [p for p, target in routes.items() if target.within == within]
             organ = np.logical_or.reduce([organ_masks[o] for o in within])
@@ -200,9 +206,9 @@ class Segmenter:
         for i, mask in enumerate(resolver.finish()):
             masks[(i, *slices)] = clean_mask(mask, keep_largest, fill_holes)
         within = {p: list(target.within) for p, target in routes.items()}
-        cautions = {p: target.caution for p, target in routes.items() if target.caution}
+        cautions = {p: target.caution for p, target in routes.items() if target.caution} | unknown
         if self.vocabulary is not None:
-            cautions |= self.vocabulary.cautions([p for p in prompts if p not in routes], prepared.modality,
+            cautions |= self.vocabulary.cautions([p for p in known if p not in routes], prepared.modality,
                                                  self.inferer.embed_prompts)
         return Segmentation(masks, prompts, volume.affine, probabilities, model=self.model_name, lesion_stage=within,
                             cautions=cautions, refined=refined)

@@ -2,8 +2,9 @@
 
 A model folder may hold ``trained_on.json`` (``{"modalities": {phrasing: ["CT", ...]}}``), written by the recipe
 that trained it. A prompt is matched to the nearest learned phrasing (cosine of the model's text embeddings, as
-the lesion routing matches paraphrases); when the volume's modality is not one the phrasing was learned on, the
-answer carries a caution: nothing validates it there. The embedded default learned brain structures on MR only
+the lesion routing matches paraphrases). A prompt near none of them names a structure the model never learned
+("prostate", "gallbladder") and is answered empty, with a caution that says so; when the volume's modality is not
+one the nearest phrasing was learned on, the answer carries a caution: nothing validates it there. The embedded default learned brain structures on MR only
 and abdominal organs on CT only; asked "brain tumor" on an abdominal CT it marks vertebrae and a kidney.
 """
 
@@ -18,7 +19,14 @@ import torch.nn.functional as F
 
 from .errors import CheckpointError
 
+Embed = Callable[[Sequence[str]], torch.Tensor]  # the model's text embeddings of some phrasings
 TRAINED_ON_FILE = "trained_on.json"
+# A prompt this far from every learned phrasing (cosine of MiniLM embeddings) names a structure the model never
+# learned, and is answered empty. Measured with the embedded default's 159 phrasings: paraphrases of what it learned
+# lie at 0.70-0.93 ("spinal column" -> "spine" 0.70, "splenic tissue" -> "spleen" 0.73, "liver parenchyma" ->
+# "hepatic parenchyma" 0.93), structures it never saw at 0.48-0.60 ("adrenal gland" 0.48, "colon" 0.51, "prostate"
+# 0.52 -> "bladder", "heart" 0.53, "gallbladder" 0.60 -> "kidney stone"); "lung nodule" -> "lungs" (0.69) passes.
+MIN_SIMILARITY = 0.62
 
 
 class TrainedVocabulary:
@@ -45,22 +53,31 @@ class TrainedVocabulary:
         path.write_text(json.dumps({"modalities": {p: list(m) for p, m in self.modalities.items()}}, indent=2))
         return path
 
-    def cautions(
-        self, prompts: Sequence[str], modality: str, embed: Callable[[Sequence[str]], torch.Tensor]
-    ) -> dict[str, str]:
-        """prompt -> caution, for the prompts whose nearest learned phrasing was never learned on ``modality``."""
+    def nearest(self, prompts: Sequence[str], embed: Embed) -> list[tuple[str, float]]:
+        """The nearest learned phrasing of each prompt and its cosine similarity."""
         if not prompts:
-            return {}
+            return []
         phrasings = list(self.modalities)
         with torch.no_grad():
             if self._vectors is None:
                 self._vectors = F.normalize(embed(phrasings).float(), dim=-1).cpu()
             asked = F.normalize(embed(list(prompts)).float(), dim=-1).cpu()
-        nearest = (asked @ self._vectors.T).argmax(dim=1).tolist()
+        similarity, index = (asked @ self._vectors.T).max(dim=1)
+        return [(phrasings[i], s) for i, s in zip(index.tolist(), similarity.tolist())]
+
+    def unknown(self, prompts: Sequence[str], embed: Embed) -> dict[str, str]:
+        """prompt -> caution, for the prompts no learned phrasing is near (:data:`MIN_SIMILARITY`)."""
+        return {prompt: f"not a structure this model learned (the nearest it knows is {phrasing!r}, similarity "
+                        f"{similarity:.2f}): answered empty"
+                for prompt, (phrasing, similarity) in zip(prompts, self.nearest(prompts, embed))
+                if similarity < MIN_SIMILARITY}
+
+    def cautions(self, prompts: Sequence[str], modality: str, embed: Embed) -> dict[str, str]:
+        """prompt -> caution, for the prompts whose nearest learned phrasing was never learned on ``modality``."""
         cautions = {}
-        for prompt, index in zip(prompts, nearest):
-            learned = self.modalities[phrasings[index]]
+        for prompt, (phrasing, _) in zip(prompts, self.nearest(prompts, embed)):
+            learned = self.modalities[phrasing]
             if modality not in learned:
-                cautions[prompt] = (f"this model learned {phrasings[index]!r} on {'/'.join(learned)} images only, "
+                cautions[prompt] = (f"this model learned {phrasing!r} on {'/'.join(learned)} images only, "
                                     f"not {modality}: its answer here is unvalidated")
         return cautions
