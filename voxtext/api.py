@@ -161,8 +161,9 @@ class Segmenter:
             overlap=preset.overlap if overlap is None else overlap,
             pass_num=preset.pass_num if pass_num is None else pass_num,
         )
-        # Prompts of structures the model never learned are answered empty (those of a model with a vocabulary).
-        unknown = self.vocabulary.unknown(prompts, self.inferer.embed_prompts) if self.vocabulary else {}
+        # With a model that lists what it learned: prompts of structures it never learned are answered empty.
+        unknown, unvalidated = self.vocabulary.review(prompts, prepared.modality, self.inferer.embed_prompts) if (
+            self.vocabulary) else ({}, {})
         known = [p for p in prompts if p not in unknown]
         routes = self.lesion_stage.routing.route(known, self.inferer.embed_prompts) if (
             lesion_stage and self.lesion_stage and known) else {}
@@ -207,9 +208,7 @@ class Segmenter:
             masks[(i, *slices)] = clean_mask(mask, keep_largest, fill_holes)
         within = {p: list(target.within) for p, target in routes.items()}
         cautions = {p: target.caution for p, target in routes.items() if target.caution} | unknown
-        if self.vocabulary is not None:
-            cautions |= self.vocabulary.cautions([p for p in known if p not in routes], prepared.modality,
-                                                 self.inferer.embed_prompts)
+        cautions |= {p: caution for p, caution in unvalidated.items() if p not in routes}
         return Segmentation(masks, prompts, volume.affine, probabilities, model=self.model_name, lesion_stage=within,
                             cautions=cautions, refined=refined)
 

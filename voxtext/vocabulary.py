@@ -4,8 +4,9 @@ A model folder may hold ``trained_on.json`` (``{"modalities": {phrasing: ["CT", 
 that trained it. A prompt is matched to the nearest learned phrasing (cosine of the model's text embeddings, as
 the lesion routing matches paraphrases). A prompt near none of them names a structure the model never learned
 ("prostate", "gallbladder") and is answered empty, with a caution that says so; when the volume's modality is not
-one the nearest phrasing was learned on, the answer carries a caution: nothing validates it there. The embedded default learned brain structures on MR only
-and abdominal organs on CT only; asked "brain tumor" on an abdominal CT it marks vertebrae and a kidney.
+one the nearest phrasing was learned on, the answer carries a caution: nothing validates it there. The embedded
+default learned brain structures on MR only and abdominal organs on CT only; asked "brain tumor" on an abdominal CT
+it marks vertebrae and a kidney.
 """
 
 from __future__ import annotations
@@ -65,19 +66,17 @@ class TrainedVocabulary:
         similarity, index = (asked @ self._vectors.T).max(dim=1)
         return [(phrasings[i], s) for i, s in zip(index.tolist(), similarity.tolist())]
 
-    def unknown(self, prompts: Sequence[str], embed: Embed) -> dict[str, str]:
-        """prompt -> caution, for the prompts no learned phrasing is near (:data:`MIN_SIMILARITY`)."""
-        return {prompt: f"not a structure this model learned (the nearest it knows is {phrasing!r}, similarity "
-                        f"{similarity:.2f}): answered empty"
-                for prompt, (phrasing, similarity) in zip(prompts, self.nearest(prompts, embed))
-                if similarity < MIN_SIMILARITY}
-
-    def cautions(self, prompts: Sequence[str], modality: str, embed: Embed) -> dict[str, str]:
-        """prompt -> caution, for the prompts whose nearest learned phrasing was never learned on ``modality``."""
-        cautions = {}
-        for prompt, (phrasing, _) in zip(prompts, self.nearest(prompts, embed)):
+    def review(self, prompts: Sequence[str], modality: str, embed: Embed) -> tuple[dict[str, str], dict[str, str]]:
+        """(unknown, unvalidated), each prompt -> caution: the prompts no learned phrasing is near
+        (:data:`MIN_SIMILARITY`), to be answered empty, and the others whose nearest learned phrasing was never
+        learned on ``modality``."""
+        unknown, unvalidated = {}, {}
+        for prompt, (phrasing, similarity) in zip(prompts, self.nearest(prompts, embed)):
             learned = self.modalities[phrasing]
-            if modality not in learned:
-                cautions[prompt] = (f"this model learned {phrasing!r} on {'/'.join(learned)} images only, "
-                                    f"not {modality}: its answer here is unvalidated")
-        return cautions
+            if similarity < MIN_SIMILARITY:
+                unknown[prompt] = (f"not a structure this model learned (the nearest it knows is {phrasing!r}, "
+                                   f"similarity {similarity:.2f}): answered empty")
+            elif modality not in learned:
+                unvalidated[prompt] = (f"this model learned {phrasing!r} on {'/'.join(learned)} images only, "
+                                       f"not {modality}: its answer here is unvalidated")
+        return unknown, unvalidated

@@ -3,7 +3,8 @@
 FOLDER holds ``job.json`` (prompts, options, affine) and ``volume.npy`` (voxels, axes i, j, k). The worker
 writes ``result.npz`` (``masks``; ``notes``, a JSON string of the result's per-prompt notes: ``lesion_stage``,
 prompt -> organs the model's lesion stage sought it in, ``cautions``, prompt -> the model's caution about its
-answer, and ``refined``, the prompts whose boundaries were refined by attenuation; when asked, ``probabilities``) and reports one JSON object per stdout line: ``{"event": "status",
+answer, and ``refined``, the prompts whose boundaries were refined by attenuation; when asked, ``probabilities``)
+and reports one JSON object per stdout line: ``{"event": "status",
 "message"}``, ``{"event": "progress", "done", "total"}``, ``{"event": "error", "kind", "message"}`` or
 ``{"event": "done"}``. Closing its stdin cancels the job.
 Only the standard library, numpy and voxtext are imported, so it runs as a plain script. :func:`serve`

@@ -38,9 +38,9 @@ def evaluate_phantom(
     absent = [t for t in LESIONS if t not in present]
     result = segmenter.segment(volume, organs + lesions + absent, quality=quality, laterality=laterality,
                                refine=refine)
-    row = {"seed": seed, "organ_dice": {o: dice(result.mask(o), case.target_mask(o)) for o in organs},
-           "organ_nsd": {o: normalized_surface_dice(result.mask(o), case.target_mask(o), volume.spacing)
-                         for o in organs},
+    truth = {o: case.target_mask(o) for o in organs}
+    row = {"seed": seed, "organ_dice": {o: dice(result.mask(o), truth[o]) for o in organs},
+           "organ_nsd": {o: normalized_surface_dice(result.mask(o), truth[o], volume.spacing) for o in organs},
            "lesion_dice": {t: dice(result.mask(t), case.target_mask(t)) for t in lesions},
            "absent_volume_ml": {t: result.volumes_ml()[t] for t in absent}}
     left, right = case.labels == LABELS["left kidney"], case.labels == LABELS["right kidney"]
@@ -73,26 +73,30 @@ def evaluate_real(segmenter: Segmenter, quality: str, refine: bool = True) -> li
     return rows
 
 
+def _mean_of(phantoms: list[dict], field: str) -> float | None:
+    """The mean of ``field`` (a name -> value dict per row) over every value of every row."""
+    values = [v for r in phantoms for v in r[field].values()]
+    return float(np.mean(values)) if values else None
+
+
+def _mean_per_name(phantoms: list[dict], field: str, names: list[str]) -> dict[str, float]:
+    """The mean of ``field`` per name, over the rows that hold it (names no row holds left out)."""
+    held = {n: [r[field][n] for r in phantoms if n in r[field]] for n in names}
+    return {n: float(np.mean(values)) for n, values in held.items() if values}
+
+
 def summarize(phantoms: list[dict], real: list[dict]) -> dict:
-    organ = [v for r in phantoms for v in r["organ_dice"].values()]
-    lesion = [v for r in phantoms for v in r["lesion_dice"].values()]
     absent = [v for r in phantoms for v in r["absent_volume_ml"].values()]
-    per_organ = {o: float(np.mean([r["organ_dice"][o] for r in phantoms if o in r["organ_dice"]]))
-                 for o in ORGANS if any(o in r["organ_dice"] for r in phantoms)}
-    per_organ_nsd = {o: float(np.mean([r["organ_nsd"][o] for r in phantoms if o in r["organ_nsd"]]))
-                     for o in per_organ}
-    per_lesion = {t: float(np.mean([r["lesion_dice"][t] for r in phantoms if t in r["lesion_dice"]]))
-                  for t in LESIONS if any(t in r["lesion_dice"] for r in phantoms)}
     return {
         "phantoms": len(phantoms),
-        "organ_dice_mean": float(np.mean(organ)) if organ else None,
-        "organ_nsd_mean": float(np.mean([v for r in phantoms for v in r["organ_nsd"].values()])) if organ else None,
-        "lesion_dice_mean": float(np.mean(lesion)) if lesion else None,
+        "organ_dice_mean": _mean_of(phantoms, "organ_dice"),
+        "organ_nsd_mean": _mean_of(phantoms, "organ_nsd"),
+        "lesion_dice_mean": _mean_of(phantoms, "lesion_dice"),
         "kidney_swap_rate": float(np.mean([r["kidney_swapped"] for r in phantoms])) if phantoms else None,
         "absent_empty_rate": float(np.mean([v < NEAR_EMPTY_ML for v in absent])) if absent else None,
-        "per_organ_dice": per_organ,
-        "per_organ_nsd": per_organ_nsd,
-        "per_lesion_dice": per_lesion,
+        "per_organ_dice": _mean_per_name(phantoms, "organ_dice", ORGANS),
+        "per_organ_nsd": _mean_per_name(phantoms, "organ_nsd", ORGANS),
+        "per_lesion_dice": _mean_per_name(phantoms, "lesion_dice", LESIONS),
         "real": real,
     }
 
