@@ -138,6 +138,20 @@ def test_cli_writes_label_map_sidecar_and_seg_nrrd(tmp_path, phantom, capsys):
     assert "already exist" in capsys.readouterr().err
 
 
+def test_cli_withholds_prompts_learned_on_other_modalities_unless_allowed(tmp_path, phantom, capsys):
+    """'brain tumor' was learned on MR only: on this CT it is answered empty with a caution, unless allowed."""
+    phantom.save(tmp_path / "case")
+    out = tmp_path / "out" / "seg.nii.gz"
+    args = ["segment", str(tmp_path / "case" / "image.nii.gz"), "-p", "brain tumor", "-o", str(out), "-q"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "brain tumor: 0.0 mL" in printed and "not CT: answered empty" in printed
+    assert "answered empty" in json.loads((out.parent / "seg.json").read_text())["cautions"]["brain tumor"]
+    assert main([*args, "--overwrite", "--other-modalities"]) == 0
+    printed = capsys.readouterr().out
+    assert "brain tumor: 0.0 mL" not in printed and "its answer here is unvalidated" in printed
+
+
 def test_cli_reports_missing_input(tmp_path, capsys):
     assert main(["segment", str(tmp_path / "none.nii.gz"), "-p", "liver", "-o", str(tmp_path / "s.nii.gz")]) == 2
     assert "error" in capsys.readouterr().err

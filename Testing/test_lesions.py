@@ -288,8 +288,10 @@ def test_kidney_stones_are_found_by_attenuation_on_the_right_side_and_only_on_ct
     assert all(f"at least {STONE_HU:g} HU" in result.cautions[p] for p in prompts)
     assert result.lesion_stage["left kidney stone"] == ["left kidney"]
     assert not segmenter.segment(acquired_phantom(SEED)[0], ["kidney stone"], quality="fast").masks.any()
-    # The same image called MR: attenuation means nothing there, so no stone is claimed.
-    assert not segmenter.segment(volume, ["kidney stone"], quality="fast", modality="MR").masks.any()
+    # The same image called MR: attenuation means nothing there, so no stone is claimed, even when answers
+    # learned on other modalities are allowed.
+    on_mr = segmenter.segment(volume, ["kidney stone"], quality="fast", modality="MR", other_modalities=True)
+    assert not on_mr.masks.any() and "kidney stone" in on_mr.lesion_stage  # routed, then answered empty
 
 
 def _kidney_with_a_cut_off_cyst(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

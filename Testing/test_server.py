@@ -102,6 +102,9 @@ def test_round_trip_equals_in_process(segmenter: Segmenter, tmp_path) -> None:
         ticks: list[tuple[int, int]] = []
         result = remote.segment(path, prompts, quality="fast", progress=lambda d, t: ticks.append((d, t)))
         assert remote.models()["loaded"][0]["completed"] == 1
+        # Learned on MR only: answered empty on this CT by default; the model's own answer when allowed.
+        withheld, allowed = (remote.segment(path, ["brain tumor"], quality="fast", other_modalities=other)
+                             for other in (False, True))
         out = tmp_path / "cli.nii.gz"
         assert main(["segment", str(path), "-p", "liver", "-o", str(out), "--quality", "fast", "-q",
                      "--server", url, "--token", TOKEN]) == 0
@@ -113,6 +116,10 @@ def test_round_trip_equals_in_process(segmenter: Segmenter, tmp_path) -> None:
     assert result.volumes_ml() == local.volumes_ml()
     assert result.refined == local.refined == prompts  # CT (guessed from its values): refined by attenuation
     assert all(0 < d <= t for d, t in ticks)
+    assert not withheld.masks.any() and "answered empty" in withheld.cautions["brain tumor"]
+    local_allowed = segmenter.segment(path, ["brain tumor"], quality="fast", other_modalities=True)
+    np.testing.assert_array_equal(allowed.masks, local_allowed.masks)
+    assert allowed.cautions == local_allowed.cautions and "unvalidated" in allowed.cautions["brain tumor"]
 
 
 def test_auth_size_and_malformed_volume(segmenter: Segmenter) -> None:

@@ -26,6 +26,7 @@ EXPECTED = {
         "existingSegmentsSelector": "QComboBox",
         "probabilityCheckBox": "QCheckBox",
         "refineCheckBox": "QCheckBox",
+        "otherModalitiesCheckBox": "QCheckBox",
         "applyButton": "QPushButton",
         "cancelButton": "QPushButton",
         "progressBar": "QProgressBar",

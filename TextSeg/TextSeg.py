@@ -107,6 +107,7 @@ class TextSegWidget(ScriptedLoadableModuleWidget):
             device=DEVICES[self.ui.deviceSelector.currentIndex],
             quality=QUALITIES[self.ui.qualitySelector.currentIndex],
             refine=self.ui.refineCheckBox.checked,
+            other_modalities=self.ui.otherModalitiesCheckBox.checked,
             probabilities=self.ui.probabilityCheckBox.checked,
             server=self.ui.serverEdit.text.strip(),
         )

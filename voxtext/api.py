@@ -129,6 +129,7 @@ class Segmenter:
         laterality: bool = True,
         lesion_stage: bool = True,
         refine: bool = True,
+        other_modalities: bool = False,
         modality: str | None = None,
         return_probabilities: bool = False,
         progress: bool | ProgressCallback = False,
@@ -139,7 +140,8 @@ class Segmenter:
         With ``lesion_stage`` (and a model that has one, as the embedded default), lesion prompts are answered
         by its finer-grid lesion model inside the organ the main model finds (:mod:`voxtext.lesions`). With a
         model that lists what it learned (:mod:`voxtext.vocabulary`), a prompt of a structure it never learned is
-        answered empty, and one it learned on other modalities only carries a caution. With
+        answered empty with a caution, and so is one it learned on other modalities only unless
+        ``other_modalities`` (then it is answered, with a caution: nothing validates it there). With
         ``refine``, on CT the boundaries of the main model's answers are decided by attenuation within a few
         millimetres of where the model puts them (:mod:`voxtext.refinement`); returned probabilities are then 0
         or 1 where the refinement changed the answer.
@@ -161,10 +163,10 @@ class Segmenter:
             overlap=preset.overlap if overlap is None else overlap,
             pass_num=preset.pass_num if pass_num is None else pass_num,
         )
-        # With a model that lists what it learned: prompts of structures it never learned are answered empty.
-        unknown, unvalidated = self.vocabulary.review(prompts, prepared.modality, self.inferer.embed_prompts) if (
-            self.vocabulary) else ({}, {})
-        known = [p for p in prompts if p not in unknown]
+        # With a model that lists what it learned: prompts it cannot answer validly here are answered empty.
+        withheld, unvalidated = self.vocabulary.review(
+            prompts, prepared.modality, self.inferer.embed_prompts, other_modalities) if self.vocabulary else ({}, {})
+        known = [p for p in prompts if p not in withheld]
         routes = self.lesion_stage.routing.route(known, self.inferer.embed_prompts) if (
             lesion_stage and self.lesion_stage and known) else {}
         # The main model answers the other prompts and segments the organs the routed lesions lie in.
@@ -207,7 +209,7 @@ class Segmenter:
         for i, mask in enumerate(resolver.finish()):
             masks[(i, *slices)] = clean_mask(mask, keep_largest, fill_holes)
         within = {p: list(target.within) for p, target in routes.items()}
-        cautions = {p: target.caution for p, target in routes.items() if target.caution} | unknown
+        cautions = {p: target.caution for p, target in routes.items() if target.caution} | withheld
         cautions |= {p: caution for p, caution in unvalidated.items() if p not in routes}
         return Segmentation(masks, prompts, volume.affine, probabilities, model=self.model_name, lesion_stage=within,
                             cautions=cautions, refined=refined)

@@ -51,6 +51,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         laterality=not args.no_laterality,
         lesion_stage=not args.no_lesion_stage,
         refine=not args.no_refine,
+        other_modalities=args.other_modalities,
         modality=args.modality,
         progress=not args.quiet,
     )
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="answer lesion prompts with the main model too, not the model's finer-grid lesion stage")
     seg.add_argument("--no-refine", action="store_true",
                      help="keep the model's boundaries on CT (not refined by attenuation within a few mm)")
+    seg.add_argument("--other-modalities", action="store_true",
+                     help="also answer prompts the model learned on other modalities only (unvalidated; "
+                          "by default they are answered empty with a caution)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     seg.add_argument("--server", default=None, help="segment on a 'voxtext serve' server at this URL")

@@ -3,10 +3,11 @@
 A model folder may hold ``trained_on.json`` (``{"modalities": {phrasing: ["CT", ...]}}``), written by the recipe
 that trained it. A prompt is matched to the nearest learned phrasing (cosine of the model's text embeddings, as
 the lesion routing matches paraphrases). A prompt near none of them names a structure the model never learned
-("prostate", "gallbladder") and is answered empty, with a caution that says so; when the volume's modality is not
-one the nearest phrasing was learned on, the answer carries a caution: nothing validates it there. The embedded
-default learned brain structures on MR only and abdominal organs on CT only; asked "brain tumor" on an abdominal CT
-it marks vertebrae and a kidney.
+("prostate", "gallbladder") and is answered empty, with a caution that says so. When the volume's modality is not
+one the nearest phrasing was learned on, nothing validates the model's answer there, and by default it is not given
+either (empty, with a caution) unless the caller allows other modalities. The embedded default learned brain
+structures on MR only and abdominal organs on CT only; asked "brain tumor" on an abdominal CT it marks vertebrae and
+a kidney, and asked "liver" on a real abdominal MR it marks background only.
 """
 
 from __future__ import annotations
@@ -66,17 +67,22 @@ class TrainedVocabulary:
         similarity, index = (asked @ self._vectors.T).max(dim=1)
         return [(phrasings[i], s) for i, s in zip(index.tolist(), similarity.tolist())]
 
-    def review(self, prompts: Sequence[str], modality: str, embed: Embed) -> tuple[dict[str, str], dict[str, str]]:
-        """(unknown, unvalidated), each prompt -> caution: the prompts no learned phrasing is near
-        (:data:`MIN_SIMILARITY`), to be answered empty, and the others whose nearest learned phrasing was never
-        learned on ``modality``."""
-        unknown, unvalidated = {}, {}
+    def review(self, prompts: Sequence[str], modality: str, embed: Embed,
+               other_modalities: bool = False) -> tuple[dict[str, str], dict[str, str]]:
+        """(withheld, unvalidated), each prompt -> caution. Withheld, to be answered empty: the prompts no learned
+        phrasing is near (:data:`MIN_SIMILARITY`) and, unless ``other_modalities``, those whose nearest learned
+        phrasing was never learned on ``modality``; unvalidated: the latter when ``other_modalities`` (answered)."""
+        withheld, unvalidated = {}, {}
         for prompt, (phrasing, similarity) in zip(prompts, self.nearest(prompts, embed)):
             learned = self.modalities[phrasing]
             if similarity < MIN_SIMILARITY:
-                unknown[prompt] = (f"not a structure this model learned (the nearest it knows is {phrasing!r}, "
-                                   f"similarity {similarity:.2f}): answered empty")
+                withheld[prompt] = (f"not a structure this model learned (the nearest it knows is {phrasing!r}, "
+                                    f"similarity {similarity:.2f}): answered empty")
             elif modality not in learned:
-                unvalidated[prompt] = (f"this model learned {phrasing!r} on {'/'.join(learned)} images only, "
-                                       f"not {modality}: its answer here is unvalidated")
-        return unknown, unvalidated
+                where = f"this model learned {phrasing!r} on {'/'.join(learned)} images only, not {modality}"
+                if other_modalities:
+                    unvalidated[prompt] = f"{where}: its answer here is unvalidated"
+                else:
+                    withheld[prompt] = (f"{where}: answered empty (allow other modalities to see its unvalidated "
+                                        "answer)")
+        return withheld, unvalidated

@@ -43,6 +43,8 @@ class SegmentOptions:
     quality: Quality = "fast"
     # On CT, boundaries decided by attenuation within a few mm of the model's (voxtext.refinement).
     refine: bool = True
+    # Targets the model learned on other modalities only are left empty (with a caution) unless this is set.
+    other_modalities: bool = False
     probabilities: bool = False
     # A ``voxtext serve`` URL runs the model there (its token comes from VOXTEXT_TOKEN, never from a file).
     server: str = ""

@@ -103,6 +103,7 @@ def run(folder: Path, emit: Emit, cancel: threading.Event) -> None:
         job["prompts"],
         quality=options["quality"],
         refine=options["refine"],
+        other_modalities=options["other_modalities"],
         return_probabilities=options["probabilities"],
         progress=lambda done, total: emit({"event": "progress", "done": done, "total": total}),
         cancel=cancel,

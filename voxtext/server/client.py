@@ -103,6 +103,7 @@ class RemoteSegmenter(RemoteModel):
         laterality: bool = True,
         lesion_stage: bool = True,
         refine: bool = True,
+        other_modalities: bool = False,
         modality: str | None = None,
         return_probabilities: bool = False,
         progress: bool | ProgressCallback = False,
@@ -121,6 +122,7 @@ class RemoteSegmenter(RemoteModel):
                   "overlap": overlap, "pass_num": pass_num, "roi": None if roi is None else json.dumps(roi),
                   "keep_largest": keep_largest, "fill_holes": fill_holes, "overlap_policy": overlap_policy,
                   "laterality": laterality, "lesion_stage": lesion_stage, "refine": refine,
+                  "other_modalities": other_modalities,
                   "modality": modality or volume.modality}
         with progress_callback(progress) as report:
             def on_event(event: dict[str, Any]) -> None:

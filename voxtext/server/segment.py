@@ -41,6 +41,8 @@ class SegmentOptions(BaseModel):
     laterality: bool = True
     lesion_stage: bool = Field(True, description="lesion prompts to the model's lesion stage, when it has one")
     refine: bool = Field(True, description="on CT, boundaries refined by attenuation within a few mm of the model's")
+    other_modalities: bool = Field(False, description="answer prompts the model learned on other modalities only "
+                                   "(unvalidated; by default answered empty with a caution)")
     modality: Literal["CT", "MR", "PET", "US"] | None = None
 
     def parsed_roi(self) -> list[list[int]] | None:
@@ -90,7 +92,8 @@ def _run(data: bytes, options: SegmentOptions, max_bytes: int) -> Callable[[Segm
             volume, options.prompts, quality=options.quality, threshold=options.threshold, overlap=options.overlap,
             pass_num=options.pass_num, roi=options.parsed_roi(), keep_largest=options.keep_largest,
             fill_holes=options.fill_holes, overlap_policy=options.overlap_policy, laterality=options.laterality,
-            lesion_stage=options.lesion_stage, refine=options.refine, modality=options.modality, progress=progress,
+            lesion_stage=options.lesion_stage, refine=options.refine, other_modalities=options.other_modalities,
+            modality=options.modality, progress=progress,
             cancel=cancel,
         )
         labels, layer_of = label_layers(result)
