@@ -184,7 +184,7 @@ TRAIN_PHANTOM_SEEDS = range(0, 160)
 HELD_OUT_PHANTOM_SEEDS = range(10_000, 10_050)  # never used for training
 GROUP_WEIGHTS = {"abdomen-ct": 0.6, "brain-mr": 0.3, "lesion-ct": 0.1}
 # Steps of the three stages: about 80 minutes on 2 CPU cores (1.9 s a step of 2 crops x 4 prompts).
-RECIPE_STEPS = (1150, 380, 1070)
+RECIPE_STEPS = (1150, 380, 1070, 1500)
 
 
 def trained_modalities() -> dict[str, list[str]]:
@@ -206,8 +206,8 @@ def training_cases() -> list[TrainingCase]:
     return cases
 
 
-def recipe(output_dir: str, steps: tuple[int, int, int] = RECIPE_STEPS) -> TrainConfig:
-    """Stage 1: target-centred crops; stages 2-3: mixed crops and absent prompts. Dice is taken per prompt.
+def recipe(output_dir: str, steps: tuple[int, ...] = RECIPE_STEPS) -> TrainConfig:
+    """Stage 1: target-centred crops; stages 2-4: mixed crops and absent prompts. Dice is taken per prompt.
 
     Each step: 2 crops, each asked for 4 structures (an encoded crop is shared by its prompts).
     """
@@ -218,6 +218,9 @@ def recipe(output_dir: str, steps: tuple[int, int, int] = RECIPE_STEPS) -> Train
             StageConfig("finetune", steps[1], lr=2e-4, weight_decay=1e-6, pos_ratio=0.4, absent_prompt_prob=0.25,
                         freeze_text_encoder=True),
             StageConfig("contrastive", steps[2], lr=3e-4, weight_decay=1e-6, pos_ratio=0.7, absent_prompt_prob=0.3,
+                        freeze_text_encoder=True),
+            # A warm restart at a lower rate: the loss was still falling when stage 3's cosine reached 0.
+            StageConfig("consolidate", steps[3], lr=2e-4, weight_decay=1e-6, pos_ratio=0.7, absent_prompt_prob=0.3,
                         freeze_text_encoder=True),
         ],
         seed=42,
@@ -243,7 +246,7 @@ def fit_on_cases(model: ESICA, cases: list[TrainingCase], config: TrainConfig,
     return SegTrainer(model, config, data).fit()
 
 
-def train(output_dir: str, steps: tuple[int, int, int], threads: int, init_from: str | None = None) -> Path:
+def train(output_dir: str, steps: tuple[int, ...], threads: int, init_from: str | None = None) -> Path:
     """Run the recipe (stages of 0 steps are skipped), from scratch or continuing from ``init_from``."""
     torch.set_num_threads(threads)
     seed_everything(42)
@@ -257,8 +260,8 @@ def train(output_dir: str, steps: tuple[int, int, int], threads: int, init_from:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Retrain the embedded default ESICA model from scratch.")
     parser.add_argument("--out", default="runs/esica-default")
-    parser.add_argument("--steps", type=int, nargs=3, default=RECIPE_STEPS,
-                        metavar=("PRETRAIN", "FINETUNE", "CONTRASTIVE"))
+    parser.add_argument("--steps", type=int, nargs=4, default=RECIPE_STEPS,
+                        metavar=("PRETRAIN", "FINETUNE", "CONTRASTIVE", "CONSOLIDATE"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--init-from", default=None, help="continue from this checkpoint instead of from scratch")
     args = parser.parse_args(argv)
