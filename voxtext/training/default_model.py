@@ -183,7 +183,7 @@ def phantom_case(seed: int, spacing: float = SPACING_MM, lesions: bool = True) -
 TRAIN_PHANTOM_SEEDS = range(0, 160)
 HELD_OUT_PHANTOM_SEEDS = range(10_000, 10_050)  # never used for training
 GROUP_WEIGHTS = {"abdomen-ct": 0.6, "brain-mr": 0.3, "lesion-ct": 0.1}
-# Steps of the three stages: about 80 minutes on 2 CPU cores (1.9 s a step of 2 crops x 4 prompts).
+# Steps of the four stages: about 90 minutes on 2 CPU cores (1.2-1.5 s a step of 2 crops x 4 prompts).
 RECIPE_STEPS = (1150, 380, 1070, 1500)
 
 
