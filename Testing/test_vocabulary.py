@@ -12,6 +12,7 @@ from voxtext import Segmenter, Volume
 from voxtext.checkpoints import PACKAGE_WEIGHTS
 from voxtext.errors import CheckpointError
 from voxtext.training.default_model import acquired_phantom, trained_modalities
+from voxtext.training.evaluate_default import NEAR_EMPTY_ML, OTHER_REGION_ON_CT, evaluate_phantom, summarize
 from voxtext.vocabulary import TRAINED_ON_FILE, TrainedVocabulary
 
 from conftest import SHARED
@@ -83,3 +84,19 @@ def test_structures_the_model_never_learned_are_answered_empty(segmenter):
         "splenic tissue"] > 50
     alone = segmenter.segment(volume, ["adrenal gland"], quality="fast", return_probabilities=True)
     assert not alone.masks.any() and not alone.probabilities.any() and list(alone.cautions) == ["adrenal gland"]
+
+
+def test_held_out_evaluation_counts_structures_of_other_regions(segmenter):
+    """The model card's figure for structures of other body regions comes from ``evaluate_default``."""
+    row = evaluate_phantom(segmenter, 10_001, "fast")
+    volumes = row["other_region_volume_ml"]
+    assert list(volumes) == OTHER_REGION_ON_CT
+    assert all(volumes[p] == 0.0 for p in ("brain tumor", "peritumoral edema", "prostate", "gallbladder"))
+    assert volumes["lung nodule"] > 100  # mapped to the lungs it learned on CT (model card, "Known weaknesses")
+    on_mr = [{"case": "x", "prompt": "liver", "other_region_ml": 0.0}, {"case": "x", "prompt": "spleen",
+                                                                          "other_region_ml": 2.5}]
+    summary = summarize([row], on_mr)
+    empty = [v < NEAR_EMPTY_ML for v in volumes.values()] + [True, False]
+    assert summary["other_region_empty_rate"] == pytest.approx(sum(empty) / len(empty))
+    assert summary["other_region_ml_on_ct"]["lung nodule"] == volumes["lung nodule"]
+    assert summary["other_region_on_mr"] == on_mr and summary["real"] == []

@@ -26,6 +26,12 @@ ORGANS = ["liver", "spleen", "stomach", "pancreas", "right kidney", "left kidney
           "vertebrae", "urinary bladder"]
 LESIONS = ["liver tumor", "liver cyst", "kidney cyst", "kidney stone"]
 NEAR_EMPTY_ML = 1.0  # a prompt of an absent structure counts as answered "empty" below this volume
+# Structures of other body regions, which a volume cannot hold: asked of every abdominal CT phantom, and the
+# abdominal ones of every held-out brain MR (FLAIR). Clinicians type them; the answer should be empty.
+OTHER_REGION_ON_CT = ["brain tumor", "peritumoral edema", "left hippocampus", "right putamen", "prostate",
+                      "gallbladder", "lung nodule"]
+OTHER_REGION_ON_BRAIN_MR = ["liver", "spleen", "left kidney", "pancreas", "aorta", "liver tumor", "kidney stone",
+                            "lung nodule"]
 
 
 def evaluate_phantom(
@@ -36,13 +42,15 @@ def evaluate_phantom(
     organs = [o for o in ORGANS if o in present]
     lesions = [t for t in LESIONS if t in present]
     absent = [t for t in LESIONS if t not in present]
-    result = segmenter.segment(volume, organs + lesions + absent, quality=quality, laterality=laterality,
-                               refine=refine)
+    result = segmenter.segment(volume, organs + lesions + absent + OTHER_REGION_ON_CT, quality=quality,
+                               laterality=laterality, refine=refine)
+    volumes = result.volumes_ml()
     truth = {o: case.target_mask(o) for o in organs}
     row = {"seed": seed, "organ_dice": {o: dice(result.mask(o), truth[o]) for o in organs},
            "organ_nsd": {o: normalized_surface_dice(result.mask(o), truth[o], volume.spacing) for o in organs},
            "lesion_dice": {t: dice(result.mask(t), case.target_mask(t)) for t in lesions},
-           "absent_volume_ml": {t: result.volumes_ml()[t] for t in absent}}
+           "absent_volume_ml": {t: volumes[t] for t in absent},
+           "other_region_volume_ml": {t: volumes[t] for t in OTHER_REGION_ON_CT}}
     left, right = case.labels == LABELS["left kidney"], case.labels == LABELS["right kidney"]
     pred_left = result.mask("left kidney")
     row["kidney_swapped"] = bool((pred_left & right).sum() > (pred_left & left).sum())
@@ -60,16 +68,20 @@ def _evaluate_seed(model: str, quality: str, laterality: bool, refine: bool, see
 
 
 def evaluate_real(segmenter: Segmenter, quality: str, refine: bool = True) -> list[dict]:
+    """DSC of each held-out real case's targets; on brain MR (FLAIR) also the volume answered for abdominal
+    structures (``other_region_ml``)."""
     rows = []
     for source in real_sources():
         if not is_held_out(source.name):
             continue
         volume, labels = load_source(source)
         prompts = [t.name for t in source.targets]
-        result = segmenter.segment(volume, prompts, quality=quality, refine=refine)
+        other = OTHER_REGION_ON_BRAIN_MR if source.group == "brain-mr" and prompts[0] == "brain tumor" else []
+        result = segmenter.segment(volume, prompts + other, quality=quality, refine=refine)
         for target in source.targets:
             rows.append({"case": source.name, "prompt": target.name,
                          "dice": dice(result.mask(target.name), np.isin(labels, target.values))})
+        rows += [{"case": source.name, "prompt": p, "other_region_ml": result.volumes_ml()[p]} for p in other]
     return rows
 
 
@@ -87,6 +99,8 @@ def _mean_per_name(phantoms: list[dict], field: str, names: list[str]) -> dict[s
 
 def summarize(phantoms: list[dict], real: list[dict]) -> dict:
     absent = [v for r in phantoms for v in r["absent_volume_ml"].values()]
+    other = [v for r in phantoms for v in r["other_region_volume_ml"].values()]
+    other += [r["other_region_ml"] for r in real if "other_region_ml" in r]
     return {
         "phantoms": len(phantoms),
         "organ_dice_mean": _mean_of(phantoms, "organ_dice"),
@@ -94,10 +108,13 @@ def summarize(phantoms: list[dict], real: list[dict]) -> dict:
         "lesion_dice_mean": _mean_of(phantoms, "lesion_dice"),
         "kidney_swap_rate": float(np.mean([r["kidney_swapped"] for r in phantoms])) if phantoms else None,
         "absent_empty_rate": float(np.mean([v < NEAR_EMPTY_ML for v in absent])) if absent else None,
+        "other_region_empty_rate": float(np.mean([v < NEAR_EMPTY_ML for v in other])) if other else None,
+        "other_region_ml_on_ct": _mean_per_name(phantoms, "other_region_volume_ml", OTHER_REGION_ON_CT),
         "per_organ_dice": _mean_per_name(phantoms, "organ_dice", ORGANS),
         "per_organ_nsd": _mean_per_name(phantoms, "organ_nsd", ORGANS),
         "per_lesion_dice": _mean_per_name(phantoms, "lesion_dice", LESIONS),
-        "real": real,
+        "real": [r for r in real if "dice" in r],
+        "other_region_on_mr": [r for r in real if "other_region_ml" in r],
     }
 
 
