@@ -23,6 +23,7 @@ from voxtext.preprocess import PreprocessConfig, prepare_with_labels
 from voxtext.training.default_model import acquired_phantom
 from voxtext.training.lesion_model import (LESION_SPACING_MM, LESION_VALUES, ORGAN_TARGETS, STONE_HU, best_rule,
                                            calibrate, lesion_case, rule_score)
+from voxtext.vocabulary import unit_embeddings
 
 # A held-out phantom (training uses seeds 0-159) with a liver cyst.
 SEED = 10_001
@@ -36,7 +37,8 @@ def segmenter():
 def test_lesion_paraphrases_go_to_the_lesion_stage_and_the_rest_stays(segmenter):
     prompts = ["hepatic mass", "cyst in the liver", "renal stone on the left", "kidney stones", "liver",
                "left kidney", "spleen", "brain tumor", "peritumoral edema", "lesion", "left hippocampus"]
-    routes = segmenter.lesion_stage.routing.route(prompts, segmenter.inferer.embed_prompts)
+    embed = segmenter.inferer.embed_prompts
+    routes = segmenter.lesion_stage.routing.route(prompts, unit_embeddings(prompts, embed), embed)
     assert routes["hepatic mass"].phrasings[0] == "liver tumor"
     assert routes["cyst in the liver"].phrasings[0] == "liver cyst"
     assert routes["renal stone on the left"].within == ("left kidney",)

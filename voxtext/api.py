@@ -25,7 +25,7 @@ from .postprocess import OverlapPolicy, OverlapResolver, clean_mask
 from .preprocess import PreprocessConfig, prepare, restore
 from .refinement import refine_by_attenuation
 from .segmentation import Segmentation
-from .vocabulary import TrainedVocabulary
+from .vocabulary import TrainedVocabulary, unit_embeddings
 from .volume import Volume
 
 Quality = Literal["accurate", "fast"]
@@ -163,12 +163,16 @@ class Segmenter:
             overlap=preset.overlap if overlap is None else overlap,
             pass_num=preset.pass_num if pass_num is None else pass_num,
         )
+        # The prompts are embedded once for matching them to what the model learned and to the lesion stage.
+        embed = self.inferer.embed_prompts
+        routing = self.lesion_stage.routing if lesion_stage and self.lesion_stage else None
+        vectors = unit_embeddings(prompts, embed) if self.vocabulary or routing else None
         # With a model that lists what it learned: prompts it cannot answer validly here are answered empty.
         withheld, unvalidated = self.vocabulary.review(
-            prompts, prepared.modality, self.inferer.embed_prompts, other_modalities) if self.vocabulary else ({}, {})
-        known = [p for p in prompts if p not in withheld]
-        routes = self.lesion_stage.routing.route(known, self.inferer.embed_prompts) if (
-            lesion_stage and self.lesion_stage and known) else {}
+            prompts, vectors, prepared.modality, embed, other_modalities) if self.vocabulary else ({}, {})
+        kept = [i for i, p in enumerate(prompts) if p not in withheld]
+        known = [prompts[i] for i in kept]
+        routes = routing.route(known, vectors[kept], embed) if routing and known else {}
         # The main model answers the other prompts and segments the organs the routed lesions lie in.
         organs = list(dict.fromkeys(o for target in routes.values() for o in target.within))
         asked = [p for p in known if p not in routes] + [o for o in organs if o not in prompts]

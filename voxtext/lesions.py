@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from .distances import at_most, distance_to, padded_box, widened, within_distanc
 from .errors import CheckpointError
 from .inference import ESICAInferer, Precision, WindowConfig
 from .preprocess import PreprocessConfig, prepare, restore, to_model_grid
+from .vocabulary import Embed, nearest_phrasings
 from .volume import Volume
 
 ROUTING_FILE = "routing.json"
@@ -217,18 +218,12 @@ class LesionRouting:
         path.write_text(json.dumps({"lesions": [t.to_dict() for t in self.lesions],
                                     "other_phrasings": list(self.other_phrasings)}, indent=2))
 
-    @functools.lru_cache(maxsize=4)
-    def known_vectors(self, embed: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
-        """Unit embeddings of every listed phrasing (the lesions', then the others), once per text encoder: a
-        segmentation call embeds only its own prompts."""
-        known = [p for t in self.lesions for p in t.phrasings] + list(self.other_phrasings)
-        return torch.nn.functional.normalize(embed(known).float(), dim=1)
-
-    def route(self, prompts: Sequence[str], embed: Callable[[list[str]], torch.Tensor]) -> dict[str, LesionTarget]:
-        """The prompts the lesion stage answers, each with its lesion target."""
+    def route(self, prompts: Sequence[str], vectors: torch.Tensor, embed: Embed) -> dict[str, LesionTarget]:
+        """The prompts the lesion stage answers, each with its lesion target, given the prompts'
+        :func:`~voxtext.vocabulary.unit_embeddings`."""
+        known = tuple(p for t in self.lesions for p in t.phrasings) + self.other_phrasings
         owners = [t for t in self.lesions for _ in t.phrasings] + [None] * len(self.other_phrasings)
-        vectors = torch.nn.functional.normalize(embed(list(prompts)).float(), dim=1)
-        nearest = (vectors @ self.known_vectors(embed).T).argmax(1).tolist()
+        nearest, _ = nearest_phrasings(vectors, known, embed)
         return {p: owners[n] for p, n in zip(prompts, nearest) if owners[n] is not None}
 
 

@@ -12,6 +12,7 @@ a kidney, and asked "liver" on a real abdominal MR it marks background only.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,12 +32,29 @@ TRAINED_ON_FILE = "trained_on.json"
 MIN_SIMILARITY = 0.62
 
 
+def unit_embeddings(texts: Sequence[str], embed: Embed) -> torch.Tensor:
+    """Unit-length text embeddings (one row per text, on the CPU): their products are cosine similarities."""
+    with torch.no_grad():
+        return F.normalize(embed(list(texts)).float(), dim=-1).cpu()
+
+
+@functools.lru_cache(maxsize=8)
+def _phrasing_vectors(phrasings: tuple[str, ...], embed: Embed) -> torch.Tensor:
+    return unit_embeddings(phrasings, embed)
+
+
+def nearest_phrasings(vectors: torch.Tensor, phrasings: tuple[str, ...], embed: Embed) -> tuple[list[int], list[float]]:
+    """For each prompt's unit embedding (:func:`unit_embeddings`), the index of the nearest of ``phrasings`` and
+    its cosine similarity; the phrasings are embedded once per text encoder."""
+    similarity, index = (vectors @ _phrasing_vectors(phrasings, embed).T).max(dim=1)
+    return index.tolist(), similarity.tolist()
+
+
 class TrainedVocabulary:
     """The phrasings a model learned, each with the modalities it learned it on."""
 
     def __init__(self, modalities: Mapping[str, Sequence[str]]) -> None:
         self.modalities = {phrasing: tuple(m) for phrasing, m in modalities.items()}
-        self._vectors: torch.Tensor | None = None  # unit embeddings of the phrasings, once asked
 
     @classmethod
     def of(cls, folder: str | Path) -> TrainedVocabulary | None:
@@ -55,25 +73,16 @@ class TrainedVocabulary:
         path.write_text(json.dumps({"modalities": {p: list(m) for p, m in self.modalities.items()}}, indent=2))
         return path
 
-    def nearest(self, prompts: Sequence[str], embed: Embed) -> list[tuple[str, float]]:
-        """The nearest learned phrasing of each prompt and its cosine similarity."""
-        if not prompts:
-            return []
-        phrasings = list(self.modalities)
-        with torch.no_grad():
-            if self._vectors is None:
-                self._vectors = F.normalize(embed(phrasings).float(), dim=-1).cpu()
-            asked = F.normalize(embed(list(prompts)).float(), dim=-1).cpu()
-        similarity, index = (asked @ self._vectors.T).max(dim=1)
-        return [(phrasings[i], s) for i, s in zip(index.tolist(), similarity.tolist())]
-
-    def review(self, prompts: Sequence[str], modality: str, embed: Embed,
+    def review(self, prompts: Sequence[str], vectors: torch.Tensor, modality: str, embed: Embed,
                other_modalities: bool = False) -> tuple[dict[str, str], dict[str, str]]:
-        """(withheld, unvalidated), each prompt -> caution. Withheld, to be answered empty: the prompts no learned
-        phrasing is near (:data:`MIN_SIMILARITY`) and, unless ``other_modalities``, those whose nearest learned
-        phrasing was never learned on ``modality``; unvalidated: the latter when ``other_modalities`` (answered)."""
+        """(withheld, unvalidated), each prompt -> caution, given the prompts' :func:`unit_embeddings`. Withheld,
+        to be answered empty: the prompts no learned phrasing is near (:data:`MIN_SIMILARITY`) and, unless
+        ``other_modalities``, those whose nearest learned phrasing was never learned on ``modality``; unvalidated:
+        the latter when ``other_modalities`` (answered)."""
+        phrasings = tuple(self.modalities)
         withheld, unvalidated = {}, {}
-        for prompt, (phrasing, similarity) in zip(prompts, self.nearest(prompts, embed)):
+        for prompt, i, similarity in zip(prompts, *nearest_phrasings(vectors, phrasings, embed)):
+            phrasing = phrasings[i]
             learned = self.modalities[phrasing]
             if similarity < MIN_SIMILARITY:
                 withheld[prompt] = (f"not a structure this model learned (the nearest it knows is {phrasing!r}, "

@@ -76,12 +76,13 @@ def evaluate_real(segmenter: Segmenter, quality: str, refine: bool = True) -> li
             continue
         volume, labels = load_source(source)
         prompts = [t.name for t in source.targets]
-        other = OTHER_REGION_ON_BRAIN_MR if source.group == "brain-mr" and prompts[0] == "brain tumor" else []
+        other = OTHER_REGION_ON_BRAIN_MR if source.group == "brain-mr" and "brain tumor" in prompts else []
         result = segmenter.segment(volume, prompts + other, quality=quality, refine=refine)
         for target in source.targets:
             rows.append({"case": source.name, "prompt": target.name,
                          "dice": dice(result.mask(target.name), np.isin(labels, target.values))})
-        rows += [{"case": source.name, "prompt": p, "other_region_ml": result.volumes_ml()[p]} for p in other]
+        volumes = result.volumes_ml()
+        rows += [{"case": source.name, "prompt": p, "other_region_ml": volumes[p]} for p in other]
     return rows
 
 
