@@ -157,6 +157,10 @@ def test_default_vlm_held_out_closed_accuracy(reporter):
     assert scores["closed_accuracy_scored"] >= MIN_SCORED_ACCURACY
     assert scores["true_findings"] and scores["findings_recall"] > 0  # the report reads a lesion from the image
     assert scores["normal_cases_with_hallucinated_lesion"] == 0
+    found, present = (sum(counts[i] for counts in scores["by_finding"].values()) for i in (0, 1))
+    assert present == scores["true_findings"] and found / present == scores["findings_recall"]
+    asked = [counts[2] for counts in scores["by_question"].values()]
+    assert sum(asked) == scores["closed_questions"] and len(asked) >= 2
 
 
 def test_mentioned_lesions_reads_findings_lines():

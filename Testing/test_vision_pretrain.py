@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from voxtext.errors import InputError
 from voxtext.models.dcformer import DCFormer, med3dvlm_config
 from voxtext.models.med3dvlm import prepare_volume, prepare_volume_and_labels
 from voxtext.phantom import LABELS, generate_phantom
+from voxtext.training import default_vlm
 from voxtext.training.train_vlm import ModelSize, Stage, build_model, set_trainable, train
 from voxtext.training.vision_pretrain import (
     LESION_LABELS,
@@ -90,3 +93,28 @@ def test_language_stage_keeps_the_pretrained_tower(tmp_path):
     assert any("mm_projector" in n for n in trainable) and any("layers.0" in n for n in trainable)
     with pytest.raises(InputError, match="unknown stage"):
         set_trainable(model, "vision")
+
+
+def test_recipe_continues_stage_0_from_a_saved_tower_or_skips_it(tmp_path):
+    """``default_vlm``: ``--vision-tower`` (a whole model's ``model.safetensors``) starts stage 0 from that tower,
+    and with ``--vision-steps 0`` stage 1 gets it unchanged."""
+    small = ["--cases", "4", "--steps", "2", "--eval-cases", "4", "--threads", "1"]
+    assert default_vlm.main(["--out", str(tmp_path / "a"), "--vision-steps", "2", *small]) == 0
+    first = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    tower_keys = [k for k in first if k.startswith("model.vision_tower.") and first[k].is_floating_point()]
+    runs = {"skip": ["--vision-steps", "0"], "continue": ["--vision-steps", "1", "--vision-seed", "1"]}
+    for name, steps in runs.items():
+        assert default_vlm.main(["--out", str(tmp_path / name), "--vision-tower",
+                                 str(tmp_path / "a" / "model" / "model.safetensors"), *steps, *small]) == 0
+    skipped = load_file(str(tmp_path / "skip" / "model" / "model.safetensors"))
+    continued = load_file(str(tmp_path / "continue" / "model" / "model.safetensors"))
+    assert tower_keys and all(torch.equal(first[k], skipped[k]) for k in tower_keys)
+    assert not (tmp_path / "skip" / "vision_metrics.csv").exists()
+    # one AdamW step away from the given tower (a fresh initialisation would differ by far more)
+    weights = [k for k in tower_keys if "running_" not in k]
+    assert any(not torch.equal(first[k], continued[k]) for k in weights)
+    assert max((first[k] - continued[k]).abs().max().item() for k in weights) < 1e-3
+    rows = (tmp_path / "continue" / "vision_metrics.csv").read_text().splitlines()
+    assert [r.split(",")[:2] for r in rows[1:]] == [["vision", "1"]]
+    scores = json.loads((tmp_path / "skip" / "eval.json").read_text())
+    assert scores["lesion_cases"]["closed_questions"] > 0 and scores["normal_cases"]["normal_cases"] == 1

@@ -63,9 +63,12 @@ def answer_prior(seeds: Iterable[int], shape: tuple[int, int, int]) -> dict[str,
 def evaluate(reporter: Reporter, seeds: Iterable[int], lesions: float = 0.5, prior: dict[str, str] | None = None
              ) -> dict:
     """Closed-question accuracy (greedy answers parsed strictly, options ranked by likelihood, and the
-    image-blind ``prior`` answers) and report findings recall / precision / hallucinations on phantoms."""
+    image-blind ``prior`` answers) and report findings recall / precision / hallucinations on phantoms; per
+    question ``[generated right, scored right, asked]`` and per finding ``[found, present, named when absent]``."""
     d, h, w = reporter.image_size
     closed = correct = scored = blind = unparsed = tp = fp = fn = normal = normal_with_lesion = 0
+    by_question: dict[str, list[int]] = {}
+    by_finding: dict[str, list[int]] = {}
     for seed in seeds:
         ph = generate_phantom(seed, shape=(w, h, d), lesions=lesions)
         volume = Volume(ph.image, ph.affine, "CT")
@@ -73,13 +76,17 @@ def evaluate(reporter: Reporter, seeds: Iterable[int], lesions: float = 0.5, pri
             if item["type"] != "closed":
                 continue
             answer = reporter.ask(volume, item["question"], item["choices"], greedy=True)
-            closed += 1
-            correct += answer.choice == item["answer"]
+            right = answer.choice == item["answer"]
+            right_scored = reporter.ask(volume, item["question"], item["choices"], score=True).choice == item["answer"]
+            closed, correct, scored = closed + 1, correct + right, scored + right_scored
             unparsed += answer.index is None
-            scored += reporter.ask(volume, item["question"], item["choices"], score=True).choice == item["answer"]
             blind += (prior or {}).get(item["question"]) == item["answer"]
+            tally(by_question, item["question"], right, right_scored, 1)
         said, truth = mentioned_lesions(reporter.report(volume, greedy=True)), true_lesions(ph.findings)
         tp, fp, fn = tp + len(said & truth), fp + len(said - truth), fn + len(truth - said)
+        for organ, kind in said | truth:
+            tally(by_finding, f"{organ} {kind}", (organ, kind) in said & truth, (organ, kind) in truth,
+                  (organ, kind) in said - truth)
         if not truth:
             normal += 1
             normal_with_lesion += bool(said)
@@ -89,20 +96,38 @@ def evaluate(reporter: Reporter, seeds: Iterable[int], lesions: float = 0.5, pri
         "findings_recall": tp / max(tp + fn, 1), "findings_precision": tp / max(tp + fp, 1),
         "true_findings": tp + fn, "normal_cases": normal,
         "normal_cases_with_hallucinated_lesion": normal_with_lesion,
+        "by_question": by_question, "by_finding": dict(sorted(by_finding.items())),
     }
+
+
+def tally(table: dict[str, list[int]], key: str, *counts: int) -> None:
+    """Add ``counts`` to ``table[key]`` element-wise."""
+    table[key] = [a + b for a, b in zip(table.get(key, [0] * len(counts)), counts)]
+
+
+def tower_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The DCFormer's weights from a ``vision_tower.bin`` or a whole model's state dict."""
+    for prefix in ("model.vision_tower.vision_tower.", "vision_tower."):
+        if any(k.startswith(prefix) for k in state):
+            return with_prefix(state, prefix)
+    return state
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Retrain and evaluate the embedded default VLM from scratch.")
     parser.add_argument("--out", default="runs/vlm-default")
     parser.add_argument("--cases", type=int, default=3200, help="training phantoms")
-    parser.add_argument("--vision-steps", type=int, default=2500, help="stage 0: dense vision-tower pretraining")
+    parser.add_argument("--vision-steps", type=int, default=2500,
+                        help="stage 0: dense vision-tower pretraining (0: none, stage 1 starts from --vision-tower)")
+    parser.add_argument("--vision-lr", type=float, default=2e-3, help="stage 0's peak learning rate (one-cycle)")
+    parser.add_argument("--vision-seed", type=int, default=0,
+                        help="stage 0's seed; each seed draws its own fresh phantoms (to continue a tower on new ones)")
     parser.add_argument("--steps", type=int, default=4800, help="stage 1: projector + LM, vision tower frozen")
-    parser.add_argument("--vision-tower", metavar="BIN", default=None,
-                        help="skip stage 0: start stage 1 from this pretrained tower (an earlier run's "
-                             "model/vision_tower.bin)")
+    parser.add_argument("--vision-tower", metavar="WEIGHTS", default=None,
+                        help="start from this tower: an earlier run's model/vision_tower.bin or a model's "
+                             "model.safetensors (stage 0 continues it; with --vision-steps 0 stage 1 starts from it)")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-cases", type=int, default=40, help="held-out phantoms (a quarter without lesions)")
+    parser.add_argument("--eval-cases", type=int, default=50, help="held-out phantoms (a quarter without lesions)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--evaluate", metavar="MODEL", default=None,
                         help="only evaluate this model folder (e.g. voxtext/weights/vlm-default), no training")
@@ -116,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tower = DCFormer(vision_config_of(Med3DVLMConfig(vision_variant=size.vision_variant)))
         if args.vision_tower:
-            tower.load_state_dict(with_prefix(read_state_dict(args.vision_tower), "vision_tower."), strict=True)
-        else:
+            tower.load_state_dict(tower_weights(read_state_dict(args.vision_tower)), strict=True)
+        if args.vision_steps:
             vision_losses = pretrain_vision_tower(tower, size.image_size, size.image_window, args.vision_steps,
+                                                  lr=args.vision_lr, seed=args.vision_seed,
                                                   log=out / "vision_metrics.csv")
             scores |= {"vision_seconds": round(time.time() - t0, 1), "vision_final_loss": vision_losses[-1]}
         cases = phantom_cases(range(args.cases), size.image_size, size.image_window)

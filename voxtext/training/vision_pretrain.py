@@ -98,8 +98,8 @@ def pretrain_vision_tower(
     log: Path | None = None,
     log_every: int = 50,
 ) -> list[float]:
-    """Train ``tower`` in place for ``steps`` AdamW steps (one-cycle schedule) on fresh phantoms; returns the
-    logged losses (``log``: a metrics CSV as the other trainers write)."""
+    """Train ``tower`` in place for ``steps`` AdamW steps (one-cycle schedule) on fresh phantoms (each ``seed``
+    draws its own); returns the logged losses (``log``: a metrics CSV as the other trainers write)."""
     torch.manual_seed(seed)
     heads = DenseHeads(tower, image_size).train()
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=1e-4)
