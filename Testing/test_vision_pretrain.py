@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from voxtext.errors import InputError
+from voxtext.errors import CheckpointError, InputError
 from voxtext.models.dcformer import DCFormer, med3dvlm_config
 from voxtext.models.med3dvlm import prepare_volume, prepare_volume_and_labels
 from voxtext.phantom import LABELS, generate_phantom
@@ -118,3 +118,8 @@ def test_recipe_continues_stage_0_from_a_saved_tower_or_skips_it(tmp_path):
     assert [r.split(",")[:2] for r in rows[1:]] == [["vision", "1"]]
     scores = json.loads((tmp_path / "skip" / "eval.json").read_text())
     assert scores["lesion_cases"]["closed_questions"] > 0 and scores["normal_cases"]["normal_cases"] == 1
+    with pytest.raises(SystemExit):  # stage 1 on an untrained tower is refused
+        default_vlm.main(["--out", str(tmp_path / "c"), "--vision-steps", "0", *small])
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="no vision tower weights"):
+        default_vlm.main(["--out", str(tmp_path / "c"), "--vision-tower", str(tmp_path / "other.safetensors"), *small])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
 from ..models.dcformer import DCFormer
 from ..models.med3dvlm import Med3DVLMConfig
 from ..models.state_dict import read_state_dict, with_prefix
@@ -105,12 +106,13 @@ def tally(table: dict[str, list[int]], key: str, *counts: int) -> None:
     table[key] = [a + b for a, b in zip(table.get(key, [0] * len(counts)), counts)]
 
 
-def tower_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def tower_weights(state: dict[str, torch.Tensor], source: str | Path) -> dict[str, torch.Tensor]:
     """The DCFormer's weights from a ``vision_tower.bin`` or a whole model's state dict."""
     for prefix in ("model.vision_tower.vision_tower.", "vision_tower."):
         if any(k.startswith(prefix) for k in state):
             return with_prefix(state, prefix)
-    return state
+    raise CheckpointError(f"{source} holds no vision tower weights (keys 'vision_tower.*' or "
+                          "'model.vision_tower.vision_tower.*')")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluate", metavar="MODEL", default=None,
                         help="only evaluate this model folder (e.g. voxtext/weights/vlm-default), no training")
     args = parser.parse_args(argv)
+    if not (args.vision_steps or args.vision_tower or args.evaluate):
+        parser.error("--vision-steps 0 needs a pretrained --vision-tower")
     torch.set_num_threads(args.threads)
     out, size, t0 = Path(args.out), ModelSize(image_window=SOFT_TISSUE_WINDOW), time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tower = DCFormer(vision_config_of(Med3DVLMConfig(vision_variant=size.vision_variant)))
         if args.vision_tower:
-            tower.load_state_dict(tower_weights(read_state_dict(args.vision_tower)), strict=True)
+            tower.load_state_dict(tower_weights(read_state_dict(args.vision_tower), args.vision_tower), strict=True)
         if args.vision_steps:
             vision_losses = pretrain_vision_tower(tower, size.image_size, size.image_window, args.vision_steps,
                                                   lr=args.vision_lr, seed=args.vision_seed,
