@@ -20,7 +20,8 @@ from voxtext.models.med3dvlm import Med3DVLMConfig, encode_answers, load_med3dvl
 from voxtext.models.med3dvlm.model import read_config
 from voxtext.phantom import generate_phantom
 from voxtext.report import Reporter, format_choice_answer, format_question, parse_choice, resolve_vlm, vision_config_of
-from voxtext.training.default_vlm import HELD_OUT_SEED, evaluate, mentioned_lesions
+from voxtext.training.default_vlm import (HELD_OUT_SEED, evaluate, mentioned_lesions, same_phase, size_error,
+                                          size_mm)
 from voxtext.training.vlm_data import folder_cases, questions
 from voxtext.volume import Volume
 
@@ -161,6 +162,16 @@ def test_default_vlm_held_out_closed_accuracy(reporter):
     assert present == scores["true_findings"] and found / present == scores["findings_recall"]
     asked = [counts[2] for counts in scores["by_question"].values()]
     assert sum(asked) == scores["closed_questions"] and len(asked) >= 2
+    # open questions: one contrast phase per phantom, one size per lesion (a finding may hold several)
+    assert 0 <= scores["phase_accuracy"] <= 1 and scores["size_questions"] >= scores["true_findings"]
+    assert scores["size_median_error_mm"] is not None and scores["size_median_error_mm"] >= 0
+
+
+def test_open_answers_are_read_strictly():
+    assert size_mm("About 15 mm.") == 15.0 and size_mm("It measures 7.5 mm in the liver") == 7.5
+    assert size_mm("About 15 cm.") is None and size_mm("no") is None
+    assert size_error("About 12 mm.", 15.0) == 3.0 and size_error("large", 15.0) == float("inf")
+    assert same_phase(" Portal venous.", "portal venous") and not same_phase("arterial or portal venous", "arterial")
 
 
 def test_mentioned_lesions_reads_findings_lines():

@@ -51,6 +51,7 @@ TARGETS: list[tuple[tuple[str, ...], tuple[int, ...]]] = [
 ]
 
 PHASES = ("unenhanced", "arterial", "portal venous")
+PHASE_QUESTION = "What is the contrast phase of this CT?"
 # Attenuation (HU) per phase: unenhanced, arterial, portal venous.
 HU = {
     "fat": (-100, -100, -100), "muscle": (50, 55, 60), "liver": (58, 70, 110), "spleen": (48, 120, 115),
@@ -326,7 +327,7 @@ def write_qa(case: PhantomCase, rng: np.random.Generator) -> list[dict]:
     for f in case.findings:
         qa.append({"question": f"How large is the {f['type']} in the {f['side'] + ' ' if f['side'] else ''}{f['organ']}?",
                    "answer": f"About {f['diameter_mm']:.0f} mm.", "type": "open"})
-    qa.append({"question": "What is the contrast phase of this CT?", "answer": case.phase, "type": "open"})
+    qa.append({"question": PHASE_QUESTION, "answer": case.phase, "type": "open"})
     return qa
 
 

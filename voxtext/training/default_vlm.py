@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -23,7 +24,7 @@ from ..errors import CheckpointError
 from ..models.dcformer import DCFormer
 from ..models.med3dvlm import Med3DVLMConfig
 from ..models.state_dict import read_state_dict, with_prefix
-from ..phantom import generate_phantom
+from ..phantom import PHASE_QUESTION, generate_phantom
 from ..report import Reporter, vision_config_of
 from ..volume import Volume
 from .train_vlm import ModelSize, Stage, train
@@ -51,30 +52,57 @@ def true_lesions(findings: Iterable[dict]) -> set[tuple[str, str]]:
 
 
 def answer_prior(seeds: Iterable[int], shape: tuple[int, int, int]) -> dict[str, str]:
-    """The most frequent answer to each closed question over training phantoms ``seeds`` (generated at
-    ``shape``, x-y-z, as for training): what a model that ignores the image can do at best."""
+    """The most frequent answer to each question over training phantoms ``seeds`` (generated at ``shape``,
+    x-y-z, as for training): what a model that ignores the image can do at best."""
     counts: dict[str, Counter] = {}
     for seed in seeds:
         for item in generate_phantom(seed, shape=shape, lesions=phantom_lesions(seed)).qa:
-            if item["type"] == "closed":
-                counts.setdefault(item["question"], Counter())[item["answer"]] += 1
+            counts.setdefault(item["question"], Counter())[item["answer"]] += 1
     return {question: c.most_common(1)[0][0] for question, c in counts.items()}
+
+
+def size_mm(text: str) -> float | None:
+    """The first size in millimetres an answer names ("About 15 mm." -> 15.0), None without one."""
+    match = re.search(r"(\d+(?:\.\d+)?)\s*mm\b", text)
+    return float(match.group(1)) if match else None
+
+
+def size_error(answer: str, truth_mm: float) -> float:
+    """|size the answer names - ``truth_mm``| in mm; infinite when it names none."""
+    said = size_mm(answer)
+    return float("inf") if said is None else abs(said - truth_mm)
+
+
+def same_phase(said: str, truth: str) -> bool:
+    """Whether an answer to the contrast-phase question names ``truth`` and nothing else ("Portal venous." ok)."""
+    return said.strip().rstrip(".").strip().lower() == truth.lower()
 
 
 def evaluate(reporter: Reporter, seeds: Iterable[int], lesions: float = 0.5, prior: dict[str, str] | None = None
              ) -> dict:
     """Closed-question accuracy (greedy answers parsed strictly, options ranked by likelihood, and the
-    image-blind ``prior`` answers) and report findings recall / precision / hallucinations on phantoms; per
-    question ``[generated right, scored right, asked]`` and per finding ``[found, present, named when absent]``."""
+    image-blind ``prior`` answers), report findings recall / precision / hallucinations, and the open questions
+    (contrast phase right; lesion size's median absolute error, a missing size counting as infinite) on phantoms;
+    per question ``[generated right, scored right, asked]`` and per finding ``[found, present, named when absent]``."""
     d, h, w = reporter.image_size
     closed = correct = scored = blind = unparsed = tp = fp = fn = normal = normal_with_lesion = 0
     by_question: dict[str, list[int]] = {}
     by_finding: dict[str, list[int]] = {}
+    phase = [0, 0, 0]  # right, right by the prior, asked
+    size_errors: list[tuple[float, float]] = []  # (model, prior) per size question
     for seed in seeds:
         ph = generate_phantom(seed, shape=(w, h, d), lesions=lesions)
         volume = Volume(ph.image, ph.affine, "CT")
         for item in ph.qa:
             if item["type"] != "closed":
+                said = reporter.ask(volume, item["question"], greedy=True).text
+                blind_answer = (prior or {}).get(item["question"], "")
+                if item["question"] == PHASE_QUESTION:
+                    right = (same_phase(said, item["answer"]), same_phase(blind_answer, item["answer"]), True)
+                    phase = [a + b for a, b in zip(phase, right)]
+                else:
+                    truth = size_mm(item["answer"])
+                    size_errors.append((size_error(said, truth), size_error(blind_answer, truth)))
                 continue
             answer = reporter.ask(volume, item["question"], item["choices"], greedy=True)
             right = answer.choice == item["answer"]
@@ -98,6 +126,10 @@ def evaluate(reporter: Reporter, seeds: Iterable[int], lesions: float = 0.5, pri
         "true_findings": tp + fn, "normal_cases": normal,
         "normal_cases_with_hallucinated_lesion": normal_with_lesion,
         "by_question": by_question, "by_finding": dict(sorted(by_finding.items())),
+        "phase_accuracy": phase[0] / max(phase[2], 1), "phase_accuracy_prior": phase[1] / max(phase[2], 1),
+        "size_questions": len(size_errors), "size_unanswered": [e for e, _ in size_errors].count(float("inf")),
+        "size_median_error_mm": median(e for e, _ in size_errors) if size_errors else None,
+        "size_median_error_mm_prior": median(e for _, e in size_errors) if size_errors else None,
     }
 
 
