@@ -85,21 +85,22 @@ def evaluate(reporter: Reporter, seeds: Iterable[int], lesions: float = 0.5, pri
     (contrast phase right; lesion size's median absolute error, a missing size counting as infinite) on phantoms;
     per question ``[generated right, scored right, asked]`` and per finding ``[found, present, named when absent]``."""
     d, h, w = reporter.image_size
+    prior = prior or {}
     closed = correct = scored = blind = unparsed = tp = fp = fn = normal = normal_with_lesion = 0
     by_question: dict[str, list[int]] = {}
     by_finding: dict[str, list[int]] = {}
-    phase = [0, 0, 0]  # right, right by the prior, asked
+    phase: Counter = Counter()
     size_errors: list[tuple[float, float]] = []  # (model, prior) per size question
     for seed in seeds:
         ph = generate_phantom(seed, shape=(w, h, d), lesions=lesions)
         volume = Volume(ph.image, ph.affine, "CT")
         for item in ph.qa:
+            blind_answer = prior.get(item["question"], "")
             if item["type"] != "closed":
                 said = reporter.ask(volume, item["question"], greedy=True).text
-                blind_answer = (prior or {}).get(item["question"], "")
                 if item["question"] == PHASE_QUESTION:
-                    right = (same_phase(said, item["answer"]), same_phase(blind_answer, item["answer"]), True)
-                    phase = [a + b for a, b in zip(phase, right)]
+                    phase.update(asked=1, right=same_phase(said, item["answer"]),
+                                 prior=same_phase(blind_answer, item["answer"]))
                 else:
                     truth = size_mm(item["answer"])
                     size_errors.append((size_error(said, truth), size_error(blind_answer, truth)))
@@ -109,7 +110,7 @@ def evaluate(reporter: Reporter, seeds: Iterable[int], lesions: float = 0.5, pri
             right_scored = reporter.ask(volume, item["question"], item["choices"], score=True).choice == item["answer"]
             closed, correct, scored = closed + 1, correct + right, scored + right_scored
             unparsed += answer.index is None
-            blind += (prior or {}).get(item["question"]) == item["answer"]
+            blind += blind_answer == item["answer"]
             tally(by_question, item["question"], right, right_scored, 1)
         said, truth = mentioned_lesions(reporter.report(volume, greedy=True)), true_lesions(ph.findings)
         tp, fp, fn = tp + len(said & truth), fp + len(said - truth), fn + len(truth - said)
@@ -126,7 +127,8 @@ def evaluate(reporter: Reporter, seeds: Iterable[int], lesions: float = 0.5, pri
         "true_findings": tp + fn, "normal_cases": normal,
         "normal_cases_with_hallucinated_lesion": normal_with_lesion,
         "by_question": by_question, "by_finding": dict(sorted(by_finding.items())),
-        "phase_accuracy": phase[0] / max(phase[2], 1), "phase_accuracy_prior": phase[1] / max(phase[2], 1),
+        "phase_accuracy": phase["right"] / max(phase["asked"], 1),
+        "phase_accuracy_prior": phase["prior"] / max(phase["asked"], 1),
         "size_questions": len(size_errors), "size_unanswered": [e for e, _ in size_errors].count(float("inf")),
         "size_median_error_mm": median(e for e, _ in size_errors) if size_errors else None,
         "size_median_error_mm_prior": median(e for _, e in size_errors) if size_errors else None,
