@@ -158,17 +158,20 @@ def test_sampler_asks_each_crop_for_distinct_structures():
 
 
 def test_sampler_places_crops_on_weighted_targets_and_asks_their_anchor():
-    def ball_share(weight: float) -> float:
+    def ball_share(weight: float, stage_factors: dict[str, float] | None = None) -> float:
         shapes = shapes_case(0)
         case = TrainingCase(shapes.name, shapes.group, shapes.image, shapes.labels,
                             [shapes.targets[0], Target(("ball",), (2,), anchor_weight=weight)])
         # 8^3 crops around a voxel of the chosen target: most hold only that structure
-        sampler = CropSampler([case], (8, 8, 8), pos_ratio=1.0, seed=5)
+        sampler = CropSampler([case], (8, 8, 8), pos_ratio=1.0, seed=5, anchor_weights=stage_factors)
         return np.mean([sampler.sample().prompts[0] == "ball" for _ in range(400)])
 
     # The anchor is asked first, so the prompt follows the weights: 1:1 -> about 1/2, 4:1 -> about 4/5.
     assert 0.4 < ball_share(1.0) < 0.6
     assert 0.72 < ball_share(4.0) < 0.88
+    # A stage's factors multiply the targets' own weights: 4 x 1 = 4:1, and 2 x 2 against 4 = 1:1.
+    assert 0.72 < ball_share(1.0, {"ball": 4.0}) < 0.88
+    assert 0.4 < ball_share(2.0, {"ball": 2.0, "cube": 4.0}) < 0.6
 
 
 def test_default_main_model_asks_phantom_lesions_only_as_absent():

@@ -11,9 +11,9 @@ import pytest
 from voxtext import Segmenter, Volume
 from voxtext.checkpoints import PACKAGE_WEIGHTS
 from voxtext.errors import CheckpointError
-from voxtext.training.default_model import acquired_phantom, trained_modalities
+from voxtext.training.default_model import acquired_phantom, trained_vocabulary
 from voxtext.training.evaluate_default import NEAR_EMPTY_ML, OTHER_REGION_ON_CT, evaluate_phantom, summarize
-from voxtext.vocabulary import TRAINED_ON_FILE, TrainedVocabulary
+from voxtext.vocabulary import TRAINED_ON_FILE, TrainedVocabulary, unit_embeddings
 
 from conftest import SHARED
 
@@ -24,9 +24,12 @@ def segmenter():
 
 
 def test_the_shipped_vocabulary_is_the_recipe_s():
-    shipped = TrainedVocabulary.of(PACKAGE_WEIGHTS / "esica-default")
-    assert shipped.modalities == {p: tuple(m) for p, m in trained_modalities().items()}
+    shipped, recipe = TrainedVocabulary.of(PACKAGE_WEIGHTS / "esica-default"), trained_vocabulary()
+    assert shipped.modalities == recipe.modalities and shipped.without_findings == recipe.without_findings
     assert shipped.modalities["brain tumor"] == ("MR",) and shipped.modalities["liver"] == ("CT",)
+    # The organs whose lesions the lesion stage answers are not among those without findings.
+    assert {"lungs", "pancreas", "spleen"} <= set(shipped.without_findings)
+    assert not {"liver", "right kidney", "left kidney"} & set(shipped.without_findings)
 
 
 def test_prompts_learned_on_another_modality_are_withheld_unless_allowed(segmenter):
@@ -63,9 +66,11 @@ def test_ct_organs_on_a_real_mr_are_withheld_because_they_would_be_wrong(segment
 
 
 def test_vocabulary_file_round_trip_and_bad_files(tmp_path):
-    vocabulary = TrainedVocabulary({"liver": ["CT"], "brain tumor": ["MR"]})
+    vocabulary = TrainedVocabulary({"liver": ["CT"], "brain tumor": ["MR"]}, ["lungs"])
     vocabulary.save(tmp_path)
-    assert TrainedVocabulary.of(tmp_path).modalities == vocabulary.modalities
+    loaded = TrainedVocabulary.of(tmp_path)
+    assert loaded.modalities == vocabulary.modalities and loaded.without_findings == ("lungs",)
+    assert loaded.findings["lungs nodule"] == "lungs"
     assert TrainedVocabulary.of(tmp_path / "missing") is None
     (tmp_path / TRAINED_ON_FILE).write_text(json.dumps({"phrasings": []}))
     with pytest.raises(CheckpointError, match="not a valid trained_on.json"):
@@ -86,13 +91,35 @@ def test_structures_the_model_never_learned_are_answered_empty(segmenter):
     assert not alone.masks.any() and not alone.probabilities.any() and list(alone.cautions) == ["adrenal gland"]
 
 
+def test_findings_in_organs_learned_without_their_lesions_are_answered_empty(segmenter):
+    """"lung nodule" was answered with the whole lungs (581 mL on each held-out phantom), "pancreatic mass" with
+    the pancreas: the model learned those organs, none of their lesions. Organ paraphrases and the lesions the
+    lesion stage answers are unaffected."""
+    volume, _ = acquired_phantom(10_001)
+    findings = ["lung nodule", "pancreatic mass", "splenic lesion", "bladder stone"]
+    organs = ["lungs", "pancreatic head", "splenic tissue"]
+    result = segmenter.segment(volume, findings + organs + ["liver nodule"], quality="fast")
+    assert set(result.cautions) == set(findings)
+    assert "reads as a finding in the lungs ('lungs nodule')" in result.cautions["lung nodule"]
+    assert "not with the whole pancreas" in result.cautions["pancreatic mass"]
+    volumes = result.volumes_ml()
+    assert all(volumes[p] == 0.0 for p in findings)
+    assert volumes["lungs"] > 100 and volumes["pancreatic head"] > 10 and volumes["splenic tissue"] > 50
+    assert "liver nodule" in result.lesion_stage  # a liver lesion: the lesion stage answers it
+    # The same vocabulary without the list answers the finding with its organ, as before.
+    plain = TrainedVocabulary(segmenter.vocabulary.modalities)
+    vectors = unit_embeddings(findings, segmenter.inferer.embed_prompts)
+    withheld, _ = plain.review(findings, vectors, "CT", segmenter.inferer.embed_prompts)
+    assert withheld == {}
+
+
 def test_held_out_evaluation_counts_structures_of_other_regions(segmenter):
     """The model card's figure for structures of other body regions comes from ``evaluate_default``."""
     row = evaluate_phantom(segmenter, 10_001, "fast")
     volumes = row["other_region_volume_ml"]
     assert list(volumes) == OTHER_REGION_ON_CT
     assert all(volumes[p] == 0.0 for p in ("brain tumor", "peritumoral edema", "prostate", "gallbladder"))
-    assert volumes["lung nodule"] > 100  # mapped to the lungs it learned on CT (model card, "Known weaknesses")
+    assert all(v == 0.0 for v in volumes.values())  # "lung nodule" too: see the test above
     on_mr = [{"case": "x", "prompt": "liver", "other_region_ml": 0.0}, {"case": "x", "prompt": "spleen",
                                                                           "other_region_ml": 2.5}]
     summary = summarize([row], on_mr)

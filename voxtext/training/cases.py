@@ -81,7 +81,8 @@ class CropSampler:
     crop holds none), among the group's structures NOT in the crop, with an empty label: sliding-window
     inference asks every window for every prompt, and clinicians type absent structures. The prompts of
     one crop are distinct structures while there are enough, so neighbours in the crop are told apart;
-    the image is encoded once for all of them.
+    the image is encoded once for all of them. ``anchor_weights`` (target name -> factor) multiplies the
+    targets' own anchor weights.
     """
 
     def __init__(
@@ -93,12 +94,14 @@ class CropSampler:
         group_weights: dict[str, float] | None = None,
         seed: int = 0,
         prompts_per_crop: int = 1,
+        anchor_weights: dict[str, float] | None = None,
     ) -> None:
         if prompts_per_crop < 1:
             raise ValueError(f"prompts_per_crop must be at least 1, got {prompts_per_crop}")
         self.cases, self.roi = [c for c in cases if c.present], tuple(roi)
         self.pos_ratio, self.absent_prompt_prob = pos_ratio, absent_prompt_prob
         self.prompts_per_crop = prompts_per_crop
+        self.anchor_weights = anchor_weights or {}
         self.rng = random.Random(seed)
         groups = sorted({c.group for c in self.cases})
         weights = group_weights or {}
@@ -113,7 +116,8 @@ class CropSampler:
         if self.rng.random() < self.pos_ratio:
             # A voxel of a present target, shifted so the target is in the crop but not always at its centre:
             # otherwise "segment what is at the centre" would be a shortcut that ignores the prompt.
-            anchor = self.rng.choices(case.present, weights=[t.anchor_weight for t in case.present])[0]
+            anchor = self.rng.choices(case.present, weights=[
+                t.anchor_weight * self.anchor_weights.get(t.name, 1.0) for t in case.present])[0]
             voxels = np.flatnonzero(case.mask(anchor))
             voxel = np.unravel_index(voxels[self.rng.randrange(len(voxels))], case.image.shape)
             centre = [a + self.rng.randint(-r // 4, r // 4) for a, r in zip(voxel, self.roi)]

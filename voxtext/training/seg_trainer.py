@@ -54,6 +54,9 @@ class StageConfig:
     # voxels weigh 100 / (prompts x crop voxels) of the focal mean and its Dice gradient vanishes once the
     # sigmoid saturates, so a rare small target can settle on "always empty"; this term keeps it pulled.
     foreground_weight: float = 0.0
+    # Target name -> factor on its weight as a crop anchor in this stage (a crop's anchor is always asked), to
+    # spend a stage's prompts on the structures the model gets wrong most.
+    anchor_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
