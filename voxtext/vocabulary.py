@@ -1,13 +1,13 @@
 """What a model learned each phrasing on: the imaging modalities of its training images.
 
 A model folder may hold ``trained_on.json`` (``{"modalities": {phrasing: ["CT", ...]}, "without_findings":
-[structure, ...]}``), written by the recipe that trained it. A prompt is matched to the nearest learned phrasing (cosine of the model's text embeddings, as
-the lesion routing matches paraphrases). A prompt near none of them names a structure the model never learned
-("prostate", "gallbladder") and is answered empty, with a caution that says so. When the volume's modality is not
-one the nearest phrasing was learned on, nothing validates the model's answer there, and by default it is not given
-either (empty, with a caution) unless the caller allows other modalities. The embedded default learned brain
-structures on MR only and abdominal organs on CT only; asked "brain tumor" on an abdominal CT it marks vertebrae and
-a kidney, and asked "liver" on a real abdominal MR it marks background only.
+[structure, ...]}``), written by the recipe that trained it. A prompt is matched to the nearest learned phrasing
+(cosine of the model's text embeddings, as the lesion routing matches paraphrases). A prompt near none of them names
+a structure the model never learned ("prostate", "gallbladder") and is answered empty, with a caution that says so.
+When the volume's modality is not one the nearest phrasing was learned on, nothing validates the model's answer
+there, and by default it is not given either (empty, with a caution) unless the caller allows other modalities. The
+embedded default learned brain structures on MR only and abdominal organs on CT only; asked "brain tumor" on an
+abdominal CT it marks vertebrae and a kidney, and asked "liver" on a real abdominal MR it marks background only.
 
 ``without_findings`` lists structures the model segments but none of whose lesions it learned (the default's
 spleen, pancreas, lungs...). A prompt that reads as a finding in one of them ("lung nodule", "pancreatic mass") is
@@ -33,8 +33,8 @@ TRAINED_ON_FILE = "trained_on.json"
 # learned, and is answered empty. Measured with the embedded default's 159 phrasings: paraphrases of what it learned
 # lie at 0.70-0.93 ("spinal column" -> "spine" 0.70, "splenic tissue" -> "spleen" 0.73, "liver parenchyma" ->
 # "hepatic parenchyma" 0.93), structures it never saw at 0.48-0.60 ("adrenal gland" 0.48, "colon" 0.51, "prostate"
-# 0.52 -> "bladder", "heart" 0.53, "gallbladder" 0.60 -> "kidney stone"); "lung nodule" -> "lungs" (0.69) passes, and is
-# answered empty as a finding (below).
+# 0.52 -> "bladder", "heart" 0.53, "gallbladder" 0.60 -> "kidney stone"); "lung nodule" -> "lungs" (0.69) passes,
+# and is answered empty as a finding (below).
 MIN_SIMILARITY = 0.62
 # Finding phrases made of each structure in ``without_findings`` and these nouns.
 FINDING_NOUNS = ("lesion", "tumor", "mass", "nodule", "cyst", "stone", "metastasis")
