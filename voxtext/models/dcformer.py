@@ -220,7 +220,8 @@ def load_dcformer(path: str | Path, config: DCFormerConfig | None = None) -> DCF
     probe = next(iter(model.state_dict()))
     prefix = next((p for p in DCFORMER_PREFIXES if p + probe in state), None)
     if prefix is None:
-        raise CheckpointError(f"{path} is not a DCFormer checkpoint: no {probe!r} under any of {DCFORMER_PREFIXES}")
+        raise CheckpointError(f"{path} is not a DCFormer checkpoint: no vision tower weights ({probe!r} under none "
+                              f"of {DCFORMER_PREFIXES})")
     weights = state if prefix == "" else with_prefix(state, prefix)
     load_strict(model, weights, path, "DCFormer")
     return model.eval()

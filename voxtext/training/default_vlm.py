@@ -20,10 +20,8 @@ from statistics import median
 
 import torch
 
-from ..errors import CheckpointError
-from ..models.dcformer import DCFormer
+from ..models.dcformer import DCFormer, load_dcformer
 from ..models.med3dvlm import Med3DVLMConfig
-from ..models.state_dict import read_state_dict, with_prefix
 from ..phantom import PHASE_QUESTION, generate_phantom
 from ..report import Reporter, vision_config_of
 from ..volume import Volume
@@ -140,15 +138,6 @@ def tally(table: dict[str, list[int]], key: str, *counts: int) -> None:
     table[key] = [a + b for a, b in zip(table.get(key, [0] * len(counts)), counts)]
 
 
-def tower_weights(state: dict[str, torch.Tensor], source: str | Path) -> dict[str, torch.Tensor]:
-    """The DCFormer's weights from a ``vision_tower.bin`` or a whole model's state dict."""
-    for prefix in ("model.vision_tower.vision_tower.", "vision_tower."):
-        if any(k.startswith(prefix) for k in state):
-            return with_prefix(state, prefix)
-    raise CheckpointError(f"{source} holds no vision tower weights (keys 'vision_tower.*' or "
-                          "'model.vision_tower.vision_tower.*')")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Retrain and evaluate the embedded default VLM from scratch.")
     parser.add_argument("--out", default="runs/vlm-default")
@@ -177,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate:
         folder = Path(args.evaluate)
     else:
-        tower = DCFormer(vision_config_of(Med3DVLMConfig(vision_variant=size.vision_variant)))
-        if args.vision_tower:
-            tower.load_state_dict(tower_weights(read_state_dict(args.vision_tower), args.vision_tower), strict=True)
+        config = vision_config_of(Med3DVLMConfig(vision_variant=size.vision_variant))
+        # A saved tower: an earlier run's vision_tower.bin or a whole model's weights, loaded strictly.
+        tower = load_dcformer(args.vision_tower, config) if args.vision_tower else DCFormer(config)
         if args.vision_steps:
             vision_losses = pretrain_vision_tower(tower, size.image_size, size.image_window, args.vision_steps,
                                                   lr=args.vision_lr, seed=args.vision_seed,
