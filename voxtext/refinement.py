@@ -4,11 +4,14 @@ A model answering on a coarse grid (the embedded default works at 5 mm) places a
 interpolated to the scan, to within about one of its voxels. On CT the edge of an organ is where its attenuation
 ends, and the scan resolves it: within about one model voxel of the model's boundary (:data:`BAND_VOXELS`) each
 voxel is decided by the image, lightly smoothed against noise. The organ's attenuation is measured in its core
-(deeper than :data:`CORE_MM` in the model's mask) and its surroundings' in a shell just outside (:data:`RING_MM`).
-A voxel the model keeps stays unless its attenuation is nearer the surroundings' than the organ's (fat around the
-liver, a water-dense neighbour); a voxel the model hesitates on joins where its attenuation is the organ's. Voxels
-further from the boundary keep the model's answer: two organs of one attenuation that touch (liver and inferior
-vena cava) are told apart by the model only.
+(deeper than :data:`CORE_MM` in the model's mask), its surroundings' in a shell just outside (:data:`RING_MM`),
+where that shell is nearest each voxel (:data:`NEARBY_MM`): the fat on one side of the pancreas, the liver on
+another. A voxel the model keeps stays unless its attenuation is nearer the surroundings' there than the organ's
+(fat around the liver, a water-dense neighbour, a brighter organ it overreached into); a voxel the model hesitates
+on joins where its attenuation is the organ's. Where the shell nearby reads as the organ itself (within
+:data:`SPREAD_SD` of its attenuation: a model that fell short of it, or a neighbour of the same attenuation) the
+median of the whole shell stands in. Voxels further from the boundary keep the model's answer: two organs of one
+attenuation that touch (liver and inferior vena cava) are told apart by the model only.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from .distances import DISTANCE_TIE_MM, at_most, padded_box, signed_distance
 
 BAND_VOXELS = 1.2  # the band decided: a little more than one model voxel on either side of the model's boundary
 CORE_MM = 5.0  # the organ's attenuation: the median of its mask at least this deep
-RING_MM = (4.0, 10.0)  # its surroundings': the median of this shell outside the mask
+RING_MM = (4.0, 10.0)  # its surroundings': this shell outside the mask ...
+NEARBY_MM = 2.0  # ... read where it is nearest each voxel decided, averaged over the shell with this Gaussian sigma
 SMOOTHING_MM = 1.0  # Gaussian sigma of the image read (noise down, edges kept)
 SPREAD_SD = 2.0  # a hesitant voxel joins within this many robust SD of the organ's median ...
-MIN_PROBABILITY = 0.3  # ... (or half the organ's contrast to its surroundings, if wider) when p exceeds this
+MIN_PROBABILITY = 0.3  # ... (or half the organ's contrast to its surroundings, if wider) when p exceeds this;
+# a shell that close to the organ's median reads as the organ itself
 CUBE = np.ones((3, 3, 3), bool)
 
 
@@ -56,13 +61,14 @@ def refine_by_attenuation(
     core = core if core.any() else mask
     organ = float(np.median(smooth[core]))
     spread = 1.4826 * float(np.median(np.abs(smooth[core] - organ)))  # robust SD (scaled MAD)
-    surroundings = float(np.median(smooth[ring]))
-    tolerance = max(SPREAD_SD * spread, abs(organ - surroundings) / 2)
     band = np.flatnonzero(at_most(np.abs(distance), band_mm))  # the voxels decided, as flat indices of the box
     values, inside = smooth.ravel()[band], mask.ravel()[band]
-    to_organ = np.abs(values - organ)
-    keeps = inside & (to_organ <= np.abs(values - surroundings))
-    joins = (prob.ravel()[band] > MIN_PROBABILITY) & (to_organ <= tolerance)
+    surroundings = nearest_shell_value(smooth, ring, spacing, band)
+    surroundings[np.abs(surroundings - organ) < SPREAD_SD * spread] = float(np.median(smooth[ring]))
+    tolerance = np.maximum(SPREAD_SD * spread, np.abs(organ - surroundings) / 2)
+    to_organ, to_surroundings = np.abs(values - organ), np.abs(values - surroundings)
+    keeps = inside & (to_organ <= to_surroundings)
+    joins = (prob.ravel()[band] > MIN_PROBABILITY) & (to_organ <= tolerance) & (to_organ <= to_surroundings)
     answer = mask.copy()
     answer.ravel()[band] = keeps | joins
     anchors = mask.copy()  # the model's mask beyond the band
@@ -76,3 +82,14 @@ def refine_by_attenuation(
     prob[answer & ~mask] = 1.0  # a view of ``probability``
     prob[mask & ~answer] = 0.0
     return probability
+
+
+def nearest_shell_value(image: np.ndarray, shell: np.ndarray, spacing: Sequence[float], at: np.ndarray) -> np.ndarray:
+    """At each voxel ``at`` (flat indices), ``image`` at the ``shell`` voxel nearest to it, averaged over the shell
+    (Gaussian, sigma :data:`NEARBY_MM`, normalized convolution: only the shell's voxels count)."""
+    sigma = NEARBY_MM / np.asarray(spacing, float)
+    weight = ndimage.gaussian_filter(shell.astype(np.float32), sigma)
+    total = ndimage.gaussian_filter(np.where(shell, image, 0.0).astype(np.float32), sigma)
+    nearest = ndimage.distance_transform_edt(~shell, sampling=spacing, return_distances=False, return_indices=True)
+    flat = np.ravel_multi_index(tuple(axis.ravel()[at] for axis in nearest), shell.shape)
+    return total.ravel()[flat] / weight.ravel()[flat]
