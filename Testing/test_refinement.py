@@ -13,7 +13,7 @@ from scipy import ndimage
 from voxtext import Segmenter, Volume
 from voxtext.api import as_volume
 from voxtext.evaluation.metrics import dice
-from voxtext.refinement import BAND_VOXELS, MIN_PROBABILITY, refine_by_attenuation
+from voxtext.refinement import BAND_VOXELS, MIN_PROBABILITY, nearest_shell_value, refine_by_attenuation
 from voxtext.phantom import generate_phantom
 from voxtext.training.default_model import acquired_phantom
 
@@ -111,6 +111,20 @@ def test_a_brighter_rim_stays_and_a_detached_blob_is_not_added():
     assert (refined & outer).sum() >= 0.99 * outer.sum()
     assert dice(refined, outer) > 0.9
     assert not (refined & blob).any()
+
+
+def test_the_shell_is_read_where_it_is_nearest():
+    """Each voxel reads the shell's value where the shell is nearest it, on a coarser grid for a fine scan, and on
+    the scan's own grid where the coarser one would miss the shell."""
+    shell = np.zeros((40, 40, 40), bool)
+    shell[:, :, 8] = shell[:, :, 32] = True  # on the 4-voxel grid too
+    image = np.where(np.arange(40) < 20, -100.0, 50.0)[None, None, :] * np.ones((40, 40, 1))
+    at = np.ravel_multi_index(([20, 20, 5], [20, 5, 20], [12, 28, 35]), shell.shape)
+    for spacing in ((1.0, 1.0, 1.0), (0.5, 0.5, 0.5)):  # a 2 mm grid, then a 4-voxel step along every axis
+        assert np.allclose(nearest_shell_value(image, shell, spacing, at), [-100.0, 50.0, 50.0])
+    lone = np.zeros_like(shell)
+    lone[1, 1, 1] = True  # off the 4-voxel grid
+    assert np.allclose(nearest_shell_value(image, lone, (0.5, 0.5, 0.5), at), -100.0)
 
 
 def test_nothing_to_refine_comes_back_unchanged(organ_in_fat):

@@ -90,8 +90,10 @@ def nearest_shell_value(image: np.ndarray, shell: np.ndarray, spacing: Sequence[
     """At each voxel ``at`` (flat indices), ``image`` at the ``shell`` voxel nearest to it, averaged over the shell
     (Gaussian, sigma :data:`NEARBY_MM`, normalized convolution: only the shell's voxels count). Read on every n-th
     voxel of the axes finer than :data:`NEARBY_MM` (a grid of about that step: as good, and several times cheaper
-    on a fine CT)."""
+    on a fine CT), unless that grid misses the shell."""
     step = np.maximum(1, (NEARBY_MM // np.asarray(spacing, float)).astype(int))
+    if not shell[tuple(slice(None, None, int(n)) for n in step)].any():
+        step[:] = 1
     voxels = tuple(axis // n for axis, n in zip(np.unravel_index(at, shell.shape), step))
     grid = tuple(slice(None, None, int(n)) for n in step)
     image, shell, spacing = image[grid], shell[grid], np.asarray(spacing, float) * step
