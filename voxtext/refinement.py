@@ -91,12 +91,15 @@ def nearest_shell_value(image: np.ndarray, shell: np.ndarray, spacing: Sequence[
     (Gaussian, sigma :data:`NEARBY_MM`, normalized convolution: only the shell's voxels count). Read on every n-th
     voxel of the axes finer than :data:`NEARBY_MM` (a grid of about that step: as good, and several times cheaper
     on a fine CT), unless that grid misses the shell."""
-    step = np.maximum(1, (NEARBY_MM // np.asarray(spacing, float)).astype(int))
-    if not shell[tuple(slice(None, None, int(n)) for n in step)].any():
-        step[:] = 1
-    voxels = tuple(axis // n for axis, n in zip(np.unravel_index(at, shell.shape), step))
+    # The spacing rounded to 0.1 um: read back from another file format (float32) it gives the same grid, and the
+    # same nearest voxel where two are equally near.
+    spacing = np.round(np.asarray(spacing, float), 4)
+    step = np.maximum(1, (NEARBY_MM // spacing).astype(int))
     grid = tuple(slice(None, None, int(n)) for n in step)
-    image, shell, spacing = image[grid], shell[grid], np.asarray(spacing, float) * step
+    if not shell[grid].any():
+        step, grid = np.ones_like(step), (slice(None),) * shell.ndim
+    voxels = tuple(axis // n for axis, n in zip(np.unravel_index(at, shell.shape), step))
+    image, shell, spacing = image[grid], shell[grid], spacing * step
     sigma = NEARBY_MM / spacing
     weight = ndimage.gaussian_filter(shell.astype(np.float32), sigma)
     total = ndimage.gaussian_filter(np.where(shell, image, 0.0).astype(np.float32), sigma)
