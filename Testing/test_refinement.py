@@ -13,8 +13,8 @@ from scipy import ndimage
 from voxtext import Segmenter, Volume
 from voxtext.api import as_volume
 from voxtext.evaluation.metrics import dice
-from voxtext.refinement import BAND_VOXELS, MIN_PROBABILITY, nearest_shell_value, refine_by_attenuation
 from voxtext.phantom import generate_phantom
+from voxtext.refinement import BAND_VOXELS, MIN_PROBABILITY, nearest_shell_value, refine_by_attenuation
 from voxtext.training.default_model import acquired_phantom
 
 SPACING = (1.5, 1.5, 2.0)
