@@ -58,7 +58,10 @@ def _phrasing_vectors(phrasings: tuple[str, ...], embed: Embed) -> torch.Tensor:
 
 def nearest_phrasings(vectors: torch.Tensor, phrasings: tuple[str, ...], embed: Embed) -> tuple[list[int], list[float]]:
     """For each prompt's unit embedding (:func:`unit_embeddings`), the index of the nearest of ``phrasings`` and
-    its cosine similarity; the phrasings are embedded once per text encoder."""
+    its cosine similarity (-1 and -inf when there are no phrasings); the phrasings are embedded once per text
+    encoder."""
+    if not phrasings:
+        return [-1] * len(vectors), [float("-inf")] * len(vectors)
     similarity, index = (vectors @ _phrasing_vectors(phrasings, embed).T).max(dim=1)
     return index.tolist(), similarity.tolist()
 
@@ -101,11 +104,9 @@ class TrainedVocabulary:
         ``other_modalities``, those whose nearest learned phrasing was never learned on ``modality``;
         unvalidated: the latter when ``other_modalities`` (answered)."""
         phrasings, findings = tuple(self.modalities), tuple(self.findings)
-        near_findings = nearest_phrasings(vectors, findings, embed) if findings else ([0] * len(prompts),
-                                                                                      [-1.0] * len(prompts))
         withheld, unvalidated = {}, {}
         for prompt, i, similarity, f, finding_similarity in zip(
-                prompts, *nearest_phrasings(vectors, phrasings, embed), *near_findings):
+                prompts, *nearest_phrasings(vectors, phrasings, embed), *nearest_phrasings(vectors, findings, embed)):
             phrasing = phrasings[i]
             learned = self.modalities[phrasing]
             if similarity < MIN_SIMILARITY:
