@@ -14,7 +14,7 @@ from voxtext import Segmenter, Volume
 from voxtext.api import as_volume
 from voxtext.evaluation.metrics import dice
 from voxtext.phantom import generate_phantom
-from voxtext.refinement import BAND_VOXELS, MIN_PROBABILITY, nearest_shell_value, refine_by_attenuation
+from voxtext.refinement import BAND_VOXELS, MIN_PROBABILITY, Neighbour, nearest_shell_value, refine_by_attenuation
 from voxtext.training.default_model import acquired_phantom
 
 SPACING = (1.5, 1.5, 2.0)
@@ -125,6 +125,59 @@ def test_the_shell_is_read_where_it_is_nearest():
     lone = np.zeros_like(shell)
     lone[1, 1, 1] = True  # off the 4-voxel grid
     assert np.allclose(nearest_shell_value(image, lone, (0.5, 0.5, 0.5), at), -100.0)
+
+
+@pytest.fixture(scope="module")
+def organ_under_a_layer():
+    """A pancreas-like organ (42 HU) under a 6 mm layer of a liver-like organ (58 HU) over half its surface, fat
+    beyond both (noise SD 6 HU)."""
+    shape = (64, 64, 48)
+    organ = ellipsoid(shape, (48, 42, 48), (24, 18, 24))
+    beyond = ndimage.distance_transform_edt(~organ, sampling=SPACING)
+    layer = ~organ & (beyond <= 6.0) & (np.arange(shape[1]) * SPACING[1] > 42)[None, :, None]
+    rng = np.random.default_rng(2)
+    hu = np.select([organ, layer], [42.0, 58.0], -100.0) + rng.normal(0, 6, shape)
+    return hu.astype(np.float32), organ, layer
+
+
+def refined_masks(probability, hu, others=()):
+    """The refined mask of ``probability``, alone and against the answers ``others`` asked with it."""
+    neighbours = [Neighbour.of(other, hu, SPACING, 0.5) for other in others]
+    return tuple(refine_by_attenuation(probability.copy(), hu, SPACING, 0.5, MODEL_MM, n) > 0.5
+                 for n in ((), neighbours))
+
+
+def test_answers_asked_together_meet_where_the_attenuation_changes(organ_under_a_layer):
+    """The organ's answer 4 mm too wide all round reaches through the thin layer, so the shell 4-10 mm out lies in
+    the fat beyond it, and the layer (nearer the organ's attenuation than the fat's) stays: alone, the refinement
+    keeps it. The layer's own answer, asked with it, vouches for those voxels being another organ's, of an
+    attenuation they are nearer: they go, and the layer's answer keeps them."""
+    hu, organ, layer = organ_under_a_layer
+    probability, theirs = coarse_probability(organ, 4.0), coarse_probability(layer, 0.0)
+    alone, together = refined_masks(probability, hu, [theirs])
+    assert (together & layer).sum() < 0.3 * (alone & layer).sum()
+    assert dice(together, organ) > dice(alone, organ) + 0.05
+    layer_alone, layer_together = refined_masks(theirs, hu, [probability])
+    assert dice(layer_together, layer) > 0.95
+    assert (together & layer_together).sum() < 0.3 * (alone & layer_alone).sum()  # the two answers overlap less
+
+
+def test_an_answer_that_fell_short_grows_into_a_neighbour_that_overreached(organ_under_a_layer):
+    """The organ's answer 3 mm short, the layer's 3 mm into the organ, where the organ's probability is too low to
+    join alone (below ``MIN_PROBABILITY``): against the layer's answer, the voxels of the organ's attenuation join."""
+    hu, organ, layer = organ_under_a_layer
+    probability = coarse_probability(ndimage.distance_transform_edt(organ, sampling=SPACING) > 3.0, 0.0)
+    alone, together = refined_masks(probability, hu, [coarse_probability(layer, 3.0)])
+    assert dice(together, organ) > dice(alone, organ) + 0.02
+    assert (together & layer).sum() < 0.02 * layer.sum()
+
+
+def test_answers_of_one_attenuation_are_not_told_apart(organ_under_a_layer):
+    """Two answers of the same organ ("kidney" and "left kidney") leave each other as refined alone."""
+    hu, organ, _ = organ_under_a_layer
+    probability = coarse_probability(organ, 4.0)
+    alone, together = refined_masks(probability, hu, [coarse_probability(organ, 2.0)])
+    assert (alone == together).all()
 
 
 def test_nothing_to_refine_comes_back_unchanged(organ_in_fat):

@@ -23,7 +23,7 @@ from .laterality import apply_laterality
 from .lesions import LesionStage
 from .postprocess import OverlapPolicy, OverlapResolver, clean_mask
 from .preprocess import PreprocessConfig, prepare, restore
-from .refinement import refine_by_attenuation
+from .refinement import Neighbour, refine_by_attenuation
 from .segmentation import Segmentation
 from .vocabulary import TrainedVocabulary, unit_embeddings
 from .volume import Volume
@@ -144,7 +144,8 @@ class Segmenter:
         ``other_modalities`` (then it is answered, with a caution: nothing validates it there). With
         ``refine``, on CT the boundaries of the main model's answers are decided by attenuation within a few
         millimetres of where the model puts them (:mod:`voxtext.refinement`); returned probabilities are then 0
-        or 1 where the refinement changed the answer.
+        or 1 where the refinement changed the answer. Answers asked together are refined against each other there
+        (the voxels where two meet go to the organ of the nearer attenuation).
         """
         prompts = normalize_prompts(prompts)
         if quality not in QUALITY_PRESETS:
@@ -193,13 +194,24 @@ class Segmenter:
             logits = logits.float().cpu()
             if laterality:
                 apply_laterality(logits.numpy(), asked, prepared, math.log(threshold / (1.0 - threshold)))
+
+            def restored(i: int) -> np.ndarray:
+                return restore(prepared, torch.sigmoid(logits[i]), "linear").astype(np.float32, copy=False)
+
+            answered = [i for i, prompt in enumerate(asked) if prompt in prompts and prompt not in routes]
+            refining = refine and prepared.modality == "CT"
+            # Answers asked together are refined against each other: each one's mask and attenuation first (the
+            # probabilities are restored again below rather than all held at once).
+            neighbours = {i: Neighbour.of(restored(i), region.array, region.spacing, threshold)
+                          for i in answered} if refining and len(answered) > 1 else {}
             for i, prompt in enumerate(asked):
-                prob = restore(prepared, torch.sigmoid(logits[i]), "linear").astype(np.float32, copy=False)
+                prob = restored(i)
                 if prompt in organs:  # the lesion stage's rules were calibrated on the model's own organ masks
                     organ_masks[prompt] = prob > threshold
-                if prompt in prompts and prompt not in routes:
-                    if refine and prepared.modality == "CT":
-                        prob = refine_by_attenuation(prob, region.array, region.spacing, threshold, spacing)
+                if i in answered:
+                    if refining:
+                        others = [n for j, n in neighbours.items() if j != i and n is not None]
+                        prob = refine_by_attenuation(prob, region.array, region.spacing, threshold, spacing, others)
                         refined.append(prompt)
                     answer(prompt, prob)
         for within in dict.fromkeys(target.within for target in routes.values()):
@@ -227,8 +239,9 @@ def available_memory_bytes() -> int:
 def check_memory(model_grid: tuple[int, ...], n_prompts: int, input_shape: tuple[int, ...], probabilities: bool) -> None:
     """Refuse jobs whose whole-volume arrays cannot fit in memory, before any work is done."""
     grid, full = int(np.prod(model_grid)), int(np.prod(input_shape))
-    # logits + MONAI's weight map on the model grid; per-prompt restore and masks on the input grid.
-    needed = 4 * grid * (n_prompts + 2) + full * (4 * 3 + n_prompts) + (4 * full * n_prompts if probabilities else 0)
+    # logits + MONAI's weight map on the model grid; per-prompt restore, masks and the refinement's neighbour
+    # masks on the input grid.
+    needed = 4 * grid * (n_prompts + 2) + full * (4 * 3 + 2 * n_prompts) + (4 * full * n_prompts if probabilities else 0)
     budget = int(0.8 * available_memory_bytes())
     if needed > budget:
         raise InputError(

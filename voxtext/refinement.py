@@ -13,11 +13,17 @@ the organ's. Where the shell nearby reads as the organ itself (within :data:`SPR
 that fell short of it, or a neighbour of the same attenuation) the median of the whole shell stands in. Voxels
 further from the boundary keep the model's answer: two organs of one attenuation that touch (liver and inferior vena
 cava) are told apart by the model only.
+
+Organs asked together are refined against each other (:class:`Neighbour`): where the band of one answer lies in
+another's mask, the voxel goes to the organ whose attenuation (each measured in its own core) is nearer, and joins
+this answer on a lower probability (:data:`GROWTH_PROBABILITY`), since the other answer vouches for it being an
+organ's; two answers of one attenuation ("kidney" and "left kidney") are not told apart (:data:`COMPETING_SD`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -32,11 +38,51 @@ SMOOTHING_MM = 1.0  # Gaussian sigma of the image read (noise down, edges kept)
 SPREAD_SD = 2.0  # a hesitant voxel joins within this many robust SD of the organ's median ...
 MIN_PROBABILITY = 0.3  # ... (or half the organ's contrast to its surroundings, if wider) when p exceeds this;
 # a shell that close to the organ's median reads as the organ itself
+COMPETING_SD = 1.0  # another answer's organ competes for the band when its attenuation is this many robust SD away
+GROWTH_PROBABILITY = 0.02  # a voxel of another answer's mask joins on this probability when nearer this organ's
 CUBE = np.ones((3, 3, 3), bool)
 
 
+@dataclass(frozen=True, eq=False)
+class Neighbour:
+    """Another answer asked together with the one refined: its organ's attenuation and its mask, on the CT grid."""
+
+    attenuation: float
+    mask: np.ndarray
+
+    @classmethod
+    def of(cls, probability: np.ndarray, hu: np.ndarray, spacing: Sequence[float], threshold: float) -> Neighbour | None:
+        """The answer ``probability > threshold`` with the attenuation of its core; None for an empty answer."""
+        mask = probability > threshold
+        if not mask.any():
+            return None
+        box = padded_box(mask, spacing, 2 * SMOOTHING_MM)
+        return cls(core_attenuation(smoothed(hu[box], spacing), mask[box], spacing)[0], mask)
+
+
+def smoothed(hu: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """The CT as the refinement reads it: a Gaussian of :data:`SMOOTHING_MM` (noise down, edges kept)."""
+    return ndimage.gaussian_filter(hu.astype(np.float32), SMOOTHING_MM / np.asarray(spacing, float))
+
+
+def core_attenuation(smooth: np.ndarray, mask: np.ndarray, spacing: Sequence[float],
+                     distance: np.ndarray | None = None) -> tuple[float, float]:
+    """Median and robust SD (scaled MAD) of ``smooth`` deeper than :data:`CORE_MM` in ``mask`` (all of a mask
+    thinner than that); ``distance`` is the mask's :func:`signed_distance` when already at hand."""
+    distance = signed_distance(mask, spacing) if distance is None else distance
+    core = at_most(distance, -CORE_MM)
+    values = smooth[core if core.any() else mask]
+    median = float(np.median(values))
+    return median, 1.4826 * float(np.median(np.abs(values - median)))
+
+
 def refine_by_attenuation(
-    probability: np.ndarray, hu: np.ndarray, spacing: Sequence[float], threshold: float, model_spacing_mm: float
+    probability: np.ndarray,
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    threshold: float,
+    model_spacing_mm: float,
+    neighbours: Sequence[Neighbour] = (),
 ) -> np.ndarray:
     """``probability`` (a model's, on the grid of the CT ``hu`` with voxel ``spacing`` in mm; the model answered on
     an isotropic ``model_spacing_mm`` grid) with the boundary of its mask (``p > threshold``) decided by attenuation
@@ -51,28 +97,33 @@ def refine_by_attenuation(
     band_mm = BAND_VOXELS * model_spacing_mm
     box = padded_box(mask, spacing, max(band_mm, RING_MM[1]) + 2 * SMOOTHING_MM)
     mask, prob = mask[box], probability[box]
-    smooth = ndimage.gaussian_filter(hu[box].astype(np.float32), SMOOTHING_MM / np.asarray(spacing, float))
+    smooth = smoothed(hu[box], spacing)
     # mm, negative inside the mask; thresholds with a tie margin, so that a voxel exactly at one (a spacing's
     # multiple) is on the same side whatever the float rounding of the spacing (as read from another file format)
     distance = signed_distance(mask, spacing)
     ring = (distance > RING_MM[0] + DISTANCE_TIE_MM) & at_most(distance, RING_MM[1])
     if not ring.any():
         return probability
-    core = at_most(distance, -CORE_MM)
-    core = core if core.any() else mask
-    organ = float(np.median(smooth[core]))
-    spread = 1.4826 * float(np.median(np.abs(smooth[core] - organ)))  # robust SD (scaled MAD)
+    organ, spread = core_attenuation(smooth, mask, spacing, distance)
     band = np.flatnonzero(at_most(np.abs(distance), band_mm))  # the voxels decided, as flat indices of the box
-    values, inside = smooth.ravel()[band], mask.ravel()[band]
+    values, inside, band_probability = smooth.ravel()[band], mask.ravel()[band], prob.ravel()[band]
     shell = float(np.median(smooth[ring]))
     surroundings = nearest_shell_value(smooth, ring, spacing, band)
     surroundings[np.abs(surroundings - organ) < SPREAD_SD * spread] = shell
     tolerance = np.maximum(SPREAD_SD * spread, np.abs(organ - surroundings) / 2)
     to_organ, to_surroundings = np.abs(values - organ), np.abs(values - surroundings)
     keeps = inside & (to_organ <= to_surroundings) & (to_organ <= np.abs(values - shell))
-    joins = (prob.ravel()[band] > MIN_PROBABILITY) & (to_organ <= tolerance) & (to_organ <= to_surroundings)
+    joins = (band_probability > MIN_PROBABILITY) & (to_organ <= tolerance) & (to_organ <= to_surroundings)
+    taken, given = np.zeros_like(inside), np.zeros_like(inside)
+    for other in neighbours:
+        if abs(other.attenuation - organ) < COMPETING_SD * spread:
+            continue  # the image cannot tell them apart: the model's answers stand
+        theirs = other.mask[box].ravel()[band]
+        to_theirs = np.abs(values - other.attenuation)
+        taken |= theirs & (to_theirs < to_organ)
+        given |= theirs & (to_organ < to_theirs) & (band_probability > GROWTH_PROBABILITY) & (to_organ <= SPREAD_SD * spread)
     answer = mask.copy()
-    answer.ravel()[band] = keeps | joins
+    answer.ravel()[band] = (keeps | joins | given) & ~taken
     anchors = mask.copy()  # the model's mask beyond the band
     anchors.ravel()[band] = False
     labels, n = ndimage.label(answer, CUBE)
