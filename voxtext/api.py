@@ -241,7 +241,8 @@ def check_memory(model_grid: tuple[int, ...], n_prompts: int, input_shape: tuple
     grid, full = int(np.prod(model_grid)), int(np.prod(input_shape))
     # logits + MONAI's weight map on the model grid; per-prompt restore, masks and the refinement's neighbour
     # masks on the input grid.
-    needed = 4 * grid * (n_prompts + 2) + full * (4 * 3 + 2 * n_prompts) + (4 * full * n_prompts if probabilities else 0)
+    needed = 4 * grid * (n_prompts + 2) + full * (4 * 3 + 2 * n_prompts)
+    needed += 4 * full * n_prompts if probabilities else 0
     budget = int(0.8 * available_memory_bytes())
     if needed > budget:
         raise InputError(

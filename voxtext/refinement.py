@@ -51,12 +51,14 @@ class Neighbour:
     mask: np.ndarray
 
     @classmethod
-    def of(cls, probability: np.ndarray, hu: np.ndarray, spacing: Sequence[float], threshold: float) -> Neighbour | None:
-        """The answer ``probability > threshold`` with the attenuation of its core; None for an empty answer."""
+    def of(cls, probability: np.ndarray, hu: np.ndarray, spacing: Sequence[float], threshold: float
+           ) -> Neighbour | None:
+        """The answer ``probability > threshold`` with the attenuation of its core (as its own refinement measures
+        it); None for an empty answer."""
         mask = probability > threshold
         if not mask.any():
             return None
-        box = padded_box(mask, spacing, 2 * SMOOTHING_MM)
+        box = padded_box(mask, spacing, 4 * SMOOTHING_MM)  # the smoothing's reach (scipy truncates at 4 sigma)
         return cls(core_attenuation(smoothed(hu[box], spacing), mask[box], spacing)[0], mask)
 
 
@@ -121,7 +123,8 @@ def refine_by_attenuation(
         theirs = other.mask[box].ravel()[band]
         to_theirs = np.abs(values - other.attenuation)
         taken |= theirs & (to_theirs < to_organ)
-        given |= theirs & (to_organ < to_theirs) & (band_probability > GROWTH_PROBABILITY) & (to_organ <= SPREAD_SD * spread)
+        given |= theirs & (to_organ < to_theirs) & (to_organ <= SPREAD_SD * spread) & (
+            band_probability > GROWTH_PROBABILITY)
     answer = mask.copy()
     answer.ravel()[band] = (keeps | joins | given) & ~taken
     anchors = mask.copy()  # the model's mask beyond the band
