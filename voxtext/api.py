@@ -201,9 +201,11 @@ class Segmenter:
             answered = [i for i, prompt in enumerate(asked) if prompt in prompts and prompt not in routes]
             refining = refine and prepared.modality == "CT"
             # Answers asked together are refined against each other: each one's mask and attenuation first (the
-            # probabilities are restored again below rather than all held at once).
+            # probabilities are restored again below rather than all held at once). An answer learned on another
+            # modality only (unvalidated here) is no neighbour: it must not move the others.
+            vouched = [i for i in answered if asked[i] not in unvalidated]
             neighbours = {i: Neighbour.of(restored(i), region.array, region.spacing, threshold)
-                          for i in answered} if refining and len(answered) > 1 else {}
+                          for i in vouched} if refining and len(answered) > 1 else {}
             for i, prompt in enumerate(asked):
                 prob = restored(i)
                 if prompt in organs:  # the lesion stage's rules were calibrated on the model's own organ masks
