@@ -203,16 +203,16 @@ class Segmenter:
             # Answers asked together are refined against each other: each one's mask and attenuation first (the
             # probabilities are restored again below rather than all held at once). An answer learned on another
             # modality only (unvalidated here) is no neighbour: it must not move the others.
-            vouched = [i for i in answered if asked[i] not in unvalidated]
-            neighbours = {i: Neighbour.of(restored(i), region.array, region.spacing, threshold)
-                          for i in vouched} if refining and len(answered) > 1 else {}
+            vouched = [i for i in answered if asked[i] not in unvalidated] if refining and len(answered) > 1 else []
+            neighbours = {i: n for i in vouched
+                          if (n := Neighbour.of(restored(i), region.array, region.spacing, threshold)) is not None}
             for i, prompt in enumerate(asked):
                 prob = restored(i)
                 if prompt in organs:  # the lesion stage's rules were calibrated on the model's own organ masks
                     organ_masks[prompt] = prob > threshold
                 if i in answered:
                     if refining:
-                        others = [n for j, n in neighbours.items() if j != i and n is not None]
+                        others = [n for j, n in neighbours.items() if j != i]
                         prob = refine_by_attenuation(prob, region.array, region.spacing, threshold, spacing, others)
                         refined.append(prompt)
                     answer(prompt, prob)

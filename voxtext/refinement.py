@@ -117,14 +117,14 @@ def refine_by_attenuation(
     keeps = inside & (to_organ <= to_surroundings) & (to_organ <= np.abs(values - shell))
     joins = (band_probability > MIN_PROBABILITY) & (to_organ <= tolerance) & (to_organ <= to_surroundings)
     taken, given = np.zeros_like(inside), np.zeros_like(inside)
+    may_join = (band_probability > GROWTH_PROBABILITY) & (to_organ <= SPREAD_SD * spread)  # from another's mask
     for other in neighbours:
         if abs(other.attenuation - organ) < COMPETING_SD * spread:
             continue  # the image cannot tell them apart: the model's answers stand
         theirs = other.mask[box].ravel()[band]
         to_theirs = np.abs(values - other.attenuation)
         taken |= theirs & (to_theirs < to_organ)
-        given |= theirs & (to_organ < to_theirs) & (to_organ <= SPREAD_SD * spread) & (
-            band_probability > GROWTH_PROBABILITY)
+        given |= theirs & may_join & (to_organ < to_theirs)
     answer = mask.copy()
     answer.ravel()[band] = (keeps | joins | given) & ~taken
     anchors = mask.copy()  # the model's mask beyond the band
