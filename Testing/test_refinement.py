@@ -14,7 +14,8 @@ from voxtext import Segmenter, Volume
 from voxtext.api import as_volume
 from voxtext.evaluation.metrics import dice
 from voxtext.phantom import generate_phantom
-from voxtext.refinement import BAND_VOXELS, MIN_PROBABILITY, Neighbour, nearest_shell_value, refine_by_attenuation
+from voxtext.refinement import (BAND_VOXELS, LOW_PROBABILITY, MIN_PROBABILITY, Neighbour, nearest_shell_value,
+                                refine_by_attenuation)
 from voxtext.training.default_model import acquired_phantom
 
 SPACING = (1.5, 1.5, 2.0)
@@ -74,7 +75,7 @@ def test_an_under_read_organ_grows_only_where_the_model_hesitates(organ_in_fat):
     probability = coarse_probability(inner, 0.0)
     refined = refine_by_attenuation(probability.copy(), hu, SPACING, 0.5, MODEL_MM)
     assert dice(refined > 0.5, truth) > dice(probability > 0.5, truth) + 0.05
-    assert not ((refined > 0.5) & (probability <= MIN_PROBABILITY)).any()
+    assert not ((refined > 0.5) & (probability <= LOW_PROBABILITY)).any()
 
 
 def test_an_overreach_into_a_brighter_neighbour_is_undone():
@@ -111,6 +112,27 @@ def test_a_brighter_rim_stays_and_a_detached_blob_is_not_added():
     assert (refined & outer).sum() >= 0.99 * outer.sum()
     assert dice(refined, outer) > 0.9
     assert not (refined & blob).any()
+
+
+def test_an_under_read_vessel_grows_on_a_low_probability_where_it_is_strictly_the_vessel():
+    """An aorta-like tube (radius 10 mm, 40 HU in fat, unenhanced) that a coarse model reads 3.5 mm thin: where it
+    gives p 0.1-0.3 within the tube, most voxels of the tube's attenuation join (none would at
+    :data:`MIN_PROBABILITY`: DSC 0.70 instead of 0.79, from 0.53); voxels that the image's smoothing mixes with
+    the fat do not, and nothing of the fat does."""
+    shape = (48, 48, 32)
+    axes = np.ogrid[tuple(slice(0, n) for n in shape)]
+    radius = np.hypot(axes[0] * SPACING[0] - 36.0, axes[1] * SPACING[1] - 36.0) + 0 * axes[2]
+    tube = radius <= 10.0
+    rng = np.random.default_rng(4)
+    hu = (np.where(tube, 40.0, -100.0) + rng.normal(0, 8, shape)).astype(np.float32)
+    probability = coarse_probability(radius <= 6.5, 0.0)
+    low = (probability > LOW_PROBABILITY) & (probability <= MIN_PROBABILITY)
+    inner = low & (radius <= 8.5)
+    assert inner.sum() > 0.1 * tube.sum()
+    refined = refine_by_attenuation(probability.copy(), hu, SPACING, 0.5, MODEL_MM) > 0.5
+    assert (refined & inner).sum() > 0.5 * inner.sum()
+    assert not (refined & ~tube).any()
+    assert dice(refined, tube) > dice(probability > 0.5, tube) + 0.2
 
 
 def test_the_shell_is_read_where_it_is_nearest():
@@ -163,11 +185,12 @@ def test_answers_asked_together_meet_where_the_attenuation_changes(organ_under_a
 
 
 def test_an_answer_that_fell_short_grows_into_a_neighbour_that_overreached(organ_under_a_layer):
-    """The organ's answer 3 mm short, the layer's 3 mm into the organ, where the organ's probability is too low to
-    join alone (below ``MIN_PROBABILITY``): against the layer's answer, the voxels of the organ's attenuation join."""
+    """The organ's answer 5 mm short, the layer's 5 mm into the organ, where the organ's probability is too low to
+    join alone (below ``LOW_PROBABILITY``): against the layer's answer, the voxels of the organ's attenuation join
+    (measured: DSC 0.849 alone, 0.896 together)."""
     hu, organ, layer = organ_under_a_layer
-    probability = coarse_probability(ndimage.distance_transform_edt(organ, sampling=SPACING) > 3.0, 0.0)
-    alone, together = refined_masks(probability, hu, [coarse_probability(layer, 3.0)])
+    probability = coarse_probability(ndimage.distance_transform_edt(organ, sampling=SPACING) > 5.0, 0.0)
+    alone, together = refined_masks(probability, hu, [coarse_probability(layer, 5.0)])
     assert dice(together, organ) > dice(alone, organ) + 0.02
     assert (together & layer).sum() < 0.02 * layer.sum()
 

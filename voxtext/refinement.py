@@ -9,10 +9,11 @@ where that shell is nearest each voxel (:data:`NEARBY_MM`): the fat on one side 
 another. A voxel the model keeps stays unless its attenuation is nearer the surroundings' there, or the median of
 the whole shell, than the organ's (fat around the liver, a water-dense neighbour, a brighter organ it overreached
 into, a muscle between the organ and the fat beyond); a voxel the model hesitates on joins where its attenuation is
-the organ's. Where the shell nearby reads as the organ itself (within :data:`SPREAD_SD` of its attenuation: a model
-that fell short of it, or a neighbour of the same attenuation) the median of the whole shell stands in. Voxels
-further from the boundary keep the model's answer: two organs of one attenuation that touch (liver and inferior vena
-cava) are told apart by the model only.
+the organ's (on a lower probability, :data:`LOW_PROBABILITY`, where it is strictly the organ's: a model that
+under-reads a small organ, such as the aorta, gives its edge little). Where the shell nearby reads as the organ
+itself (within :data:`SPREAD_SD` of its attenuation: a model that fell short of it, or a neighbour of the same
+attenuation) the median of the whole shell stands in. Voxels further from the boundary keep the model's answer: two
+organs of one attenuation that touch (liver and inferior vena cava) are told apart by the model only.
 
 Organs asked together are refined against each other (:class:`Neighbour`): where the band of one answer lies in
 another's mask, the voxel goes to the organ whose attenuation (each measured in its own core) is nearer, and joins
@@ -38,6 +39,7 @@ SMOOTHING_MM = 1.0  # Gaussian sigma of the image read (noise down, edges kept)
 SPREAD_SD = 2.0  # a hesitant voxel joins within this many robust SD of the organ's median ...
 MIN_PROBABILITY = 0.3  # ... (or half the organ's contrast to its surroundings, if wider) when p exceeds this;
 # a shell that close to the organ's median reads as the organ itself
+LOW_PROBABILITY = 0.1  # a hesitant voxel within SPREAD_SD of the organ's median (no wider) joins from this p
 COMPETING_SD = 1.0  # another answer's organ competes for the band when its attenuation is this many robust SD away
 GROWTH_PROBABILITY = 0.02  # a voxel of another answer's mask joins on this probability when nearer this organ's
 CUBE = np.ones((3, 3, 3), bool)
@@ -115,9 +117,11 @@ def refine_by_attenuation(
     tolerance = np.maximum(SPREAD_SD * spread, np.abs(organ - surroundings) / 2)
     to_organ, to_surroundings = np.abs(values - organ), np.abs(values - surroundings)
     keeps = inside & (to_organ <= to_surroundings) & (to_organ <= np.abs(values - shell))
-    joins = (band_probability > MIN_PROBABILITY) & (to_organ <= tolerance) & (to_organ <= to_surroundings)
+    strictly = to_organ <= SPREAD_SD * spread  # the organ's attenuation, not a partial volume with its surroundings
+    joins = (((band_probability > MIN_PROBABILITY) & (to_organ <= tolerance))
+             | ((band_probability > LOW_PROBABILITY) & strictly)) & (to_organ <= to_surroundings)
     taken, given = np.zeros_like(inside), np.zeros_like(inside)
-    may_join = (band_probability > GROWTH_PROBABILITY) & (to_organ <= SPREAD_SD * spread)  # from another's mask
+    may_join = (band_probability > GROWTH_PROBABILITY) & strictly  # from another's mask
     for other in neighbours:
         if abs(other.attenuation - organ) < COMPETING_SD * spread:
             continue  # the image cannot tell them apart: the model's answers stand
