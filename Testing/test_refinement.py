@@ -135,6 +135,26 @@ def test_an_under_read_vessel_grows_on_a_low_probability_where_it_is_strictly_th
     assert dice(refined, tube) > dice(probability > 0.5, tube) + 0.2
 
 
+def test_a_brighter_rim_the_model_hesitates_on_joins_but_nothing_brighter_than_its_mask_holds():
+    """A vertebra-like organ (a 4.5 mm shell of 700 HU round a 250 HU core, in fat) with the model's answer 2.5 mm
+    short: its mask holds some of the shell, further beyond the core's attenuation, away from the fat's, than the
+    fat lies from it, so where the model hesitates the shell joins (measured DSC 0.84 -> 0.91; refined without
+    that rule, 0.84). A 1,500 HU clip set in the shell, brighter than anything the mask holds, does not join."""
+    shape = (64, 64, 48)
+    core = ellipsoid(shape, (48, 48, 48), (19, 15, 27))
+    clip = ellipsoid(shape, (48, 67.5, 48), (6, 3, 6)) & ~core
+    outer = ellipsoid(shape, (48, 48, 48), (23.5, 19.5, 31.5)) & ~clip
+    rng = np.random.default_rng(3)
+    hu = np.select([core, clip, outer], [250.0, 1500.0, 700.0], -100.0) + rng.normal(0, 10, shape)
+    probability = coarse_probability(ndimage.distance_transform_edt(outer | clip, sampling=SPACING) > 2.5, 0.0)
+    hesitant = (probability > MIN_PROBABILITY) & (probability <= 0.5)
+    assert (hesitant & outer).sum() > 0.2 * (outer & ~core).sum() and (hesitant & clip).sum() > 20
+    refined = refine_by_attenuation(probability.copy(), hu.astype(np.float32), SPACING, 0.5, MODEL_MM) > 0.5
+    assert (refined & outer).sum() > 0.8 * outer.sum() > ((probability > 0.5) & outer).sum()
+    assert dice(refined, outer) > dice(probability > 0.5, outer) + 0.05
+    assert not (refined & clip & (probability <= 0.5)).any()
+
+
 def test_the_shell_is_read_where_it_is_nearest():
     """Each voxel reads the shell's value where the shell is nearest it, on a coarser grid for a fine scan, and on
     the scan's own grid where the coarser one would miss the shell."""

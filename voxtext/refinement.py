@@ -10,10 +10,12 @@ another. A voxel the model keeps stays unless its attenuation is nearer the surr
 the whole shell, than the organ's (fat around the liver, a water-dense neighbour, a brighter organ it overreached
 into, a muscle between the organ and the fat beyond); a voxel the model hesitates on joins where its attenuation is
 the organ's (on a lower probability, :data:`LOW_PROBABILITY`, where it is strictly the organ's: a model that
-under-reads a small organ, such as the aorta, gives its edge little). Where the shell nearby reads as the organ
-itself (within :data:`SPREAD_SD` of its attenuation: a model that fell short of it, or a neighbour of the same
-attenuation) the median of the whole shell stands in. Voxels further from the boundary keep the model's answer: two
-organs of one attenuation that touch (liver and inferior vena cava) are told apart by the model only.
+under-reads a small organ, such as the aorta, gives its edge little), or where it lies further beyond the organ's,
+away from the surroundings', than they lie from it, within what the model's mask holds (the cortex of a vertebra
+round its marrow: :data:`MASK_PERCENTILES`). Where the shell nearby reads as the organ itself (within
+:data:`SPREAD_SD` of its attenuation: a model that fell short of it, or a neighbour of the same attenuation) the
+median of the whole shell stands in. Voxels further from the boundary keep the model's answer: two organs of one
+attenuation that touch (liver and inferior vena cava) are told apart by the model only.
 
 Organs asked together are refined against each other (:class:`Neighbour`): where the band of one answer lies in
 another's mask, the voxel goes to the organ whose attenuation (each measured in its own core) is nearer, and joins
@@ -40,6 +42,8 @@ SPREAD_SD = 2.0  # a hesitant voxel joins within this many robust SD of the orga
 MIN_PROBABILITY = 0.3  # ... (or half the organ's contrast to its surroundings, if wider) when p exceeds this;
 # a shell that close to the organ's median reads as the organ itself
 LOW_PROBABILITY = 0.1  # a hesitant voxel within SPREAD_SD of the organ's median (no wider) joins from this p
+MASK_PERCENTILES = (1.0, 99.0)  # the attenuation the model's mask holds: a voxel beyond the organ's, away from
+# its surroundings, joins within this range (a vertebra's cortex round its marrow)
 COMPETING_SD = 1.0  # another answer's organ competes for the band when its attenuation is this many robust SD away
 GROWTH_PROBABILITY = 0.02  # a voxel of another answer's mask joins on this probability when nearer this organ's
 CUBE = np.ones((3, 3, 3), bool)
@@ -118,7 +122,14 @@ def refine_by_attenuation(
     to_organ, to_surroundings = np.abs(values - organ), np.abs(values - surroundings)
     keeps = inside & (to_organ <= to_surroundings) & (to_organ <= np.abs(values - shell))
     strictly = to_organ <= SPREAD_SD * spread  # the organ's attenuation, not a partial volume with its surroundings
-    joins = (((band_probability > MIN_PROBABILITY) & (to_organ <= tolerance))
+    # A hesitant voxel further beyond the organ's attenuation, away from the surroundings' (there and as a whole),
+    # than they lie from it, within the range the mask holds: a vertebra's cortex round its marrow, never a clip
+    # brighter than anything in the mask
+    contrast = organ - surroundings
+    lowest, highest = np.percentile(smooth[mask], MASK_PERCENTILES)
+    beyond = (((values - organ) * contrast > 0) & ((values - organ) * (organ - shell) > 0)
+              & (to_organ > np.abs(contrast)) & (values >= lowest) & (values <= highest))
+    joins = (((band_probability > MIN_PROBABILITY) & ((to_organ <= tolerance) | beyond))
              | ((band_probability > LOW_PROBABILITY) & strictly)) & (to_organ <= to_surroundings)
     taken, given = np.zeros_like(inside), np.zeros_like(inside)
     may_join = (band_probability > GROWTH_PROBABILITY) & strictly  # from another's mask
