@@ -61,7 +61,7 @@ def lay_out(folder: Path, volume: np.ndarray, affine: np.ndarray, options: dict,
 def read_job(folder: Path, emit: Emit) -> dict:
     """The job laid out in ``folder`` (announcing the model loaded next); voxels under ``job["volume"]``."""
     job = json.loads((folder / JOB_FILE).read_text())
-    job["volume"] = np.load(folder / VOLUME_FILE)
+    job["volume"] = np.load(folder / VOLUME_FILE, allow_pickle=False)
     emit({"event": "status", "message": f"Loading model {job['options']['model']}"})
     return job
 
