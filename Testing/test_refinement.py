@@ -120,8 +120,8 @@ def test_an_under_read_vessel_grows_on_a_low_probability_where_it_is_strictly_th
     :data:`MIN_PROBABILITY`: DSC 0.70 instead of 0.79, from 0.53); voxels that the image's smoothing mixes with
     the fat do not, and nothing of the fat does."""
     shape = (48, 48, 32)
-    axes = np.ogrid[tuple(slice(0, n) for n in shape)]
-    radius = np.hypot(axes[0] * SPACING[0] - 36.0, axes[1] * SPACING[1] - 36.0) + 0 * axes[2]
+    i, j = np.ogrid[:shape[0], :shape[1]]
+    radius = np.broadcast_to(np.hypot(i * SPACING[0] - 36.0, j * SPACING[1] - 36.0)[..., None], shape)  # along k
     tube = radius <= 10.0
     rng = np.random.default_rng(4)
     hu = (np.where(tube, 40.0, -100.0) + rng.normal(0, 8, shape)).astype(np.float32)
