@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -20,7 +21,7 @@ from voxtext.evaluation.metrics import dice
 from voxtext.lesions import (LESION_FOLDER, ORGAN_DILATION_MM, ROUTING_FILE, AttenuationGrowth, ComponentRule,
                              LesionRouting, LesionTarget, apply_rule, hyperdense_foci, measure_components)
 from voxtext.preprocess import PreprocessConfig, prepare_with_labels
-from voxtext.training.default_model import acquired_phantom
+from voxtext.training.default_model import acquired_phantom, build_default
 from voxtext.training.lesion_model import (LESION_SPACING_MM, LESION_VALUES, ORGAN_TARGETS, STONE_HU, best_rule,
                                            calibrate, lesion_case, rule_score)
 from voxtext.vocabulary import unit_embeddings
@@ -397,3 +398,24 @@ def test_calibrating_named_targets_keeps_the_others(tmp_path):
     stone = after["kidney stone"]
     assert stone.validated_cases == 1 and stone.validated_dsc > 0.8 and stone.rule.min_volume_ml < 7.0
     assert {r["target"] for r in json.loads(table.read_text())} == {"kidney stone"}
+
+
+def test_one_command_rebuilds_the_default_with_its_lesion_stage_calibrated_behind_its_main_model(tmp_path):
+    """``python -m voxtext.training.default_model`` (here: a few steps, one calibration phantom) trains the main
+    model, then the lesion stage, calibrates the stage behind that main model and stores it as the shipped folder
+    does."""
+    final = build_default(str(tmp_path), steps=(2, 1, 0, 0, 0), lesion_steps=(2, 1, 0), threads=1,
+                          calibration_seeds=range(20_000, 20_001))
+    assert final == tmp_path / "final" and (final / "trained_on.json").is_file()
+    shipped = LesionRouting.load(PACKAGE_WEIGHTS / "esica-default" / LESION_FOLDER / ROUTING_FILE)
+    rebuilt = LesionRouting.load(final / LESION_FOLDER / ROUTING_FILE)
+    assert [t.phrasings for t in rebuilt.lesions] == [t.phrasings for t in shipped.lesions]
+    present = {t[0][0] for t in acquired_phantom(20_000)[1].targets}
+    calibrated = [t.validated_cases for t in rebuilt.lesions]  # phantoms holding the lesion (the recipe writes 0)
+    assert calibrated == [int(t.phrasings[0] in present) for t in rebuilt.lesions] and sum(calibrated) >= 1
+    rows = list(csv.DictReader((tmp_path / LESION_FOLDER / "metrics.csv").open()))
+    assert [(r["stage"], r["step"]) for r in rows] == [("pretrain", "2"), ("balanced", "1")]
+    segmenter = Segmenter(str(final), device="cpu")
+    assert segmenter.lesion_stage is not None
+    volume, _ = acquired_phantom(SEED)
+    assert "liver cyst" in segmenter.segment(volume, ["liver cyst"], quality="fast").lesion_stage

@@ -1,14 +1,15 @@
 """Recipe of the embedded default model: a small ESICA trained on CPU on phantoms and real scans.
 
 ``python -m voxtext.training.default_model --out runs/default`` rebuilds it from scratch
-(deterministic seeds); the model card in ``voxtext/weights/esica-default/README.md``
-records the figures of the shipped run.
+(deterministic seeds), its lesion stage (:mod:`.lesion_model`) included; the model card in
+``voxtext/weights/esica-default/README.md`` records the figures of the shipped run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import build_esica, load_esica
+from ..lesions import LESION_FOLDER
 from ..models.esica import ESICA, ESICAConfig
 from ..models.esica.text import load_tokenizer
 from ..phantom import LABELS, TARGETS, PhantomCase, generate_phantom
@@ -273,15 +275,40 @@ def train(output_dir: str, steps: tuple[int, ...], threads: int, init_from: str 
     return final
 
 
+def build_default(output_dir: str, steps: tuple[int, ...] = RECIPE_STEPS,
+                  lesion_steps: tuple[int, int, int] | None = None, threads: int = 2,
+                  init_from: str | None = None, calibration_seeds: range | None = None) -> Path:
+    """The whole embedded default in ``output_dir/final``: the main model (:func:`train`), then its lesion stage
+    (``lesion_steps``, None: its recipe's) trained in ``output_dir/lesions``, calibrated behind this main model
+    (on ``calibration_seeds``, None: the recipe's validation phantoms) and copied to ``final/lesions``, as the
+    shipped folder holds it. Both resume from their saved states."""
+    from . import lesion_model  # (lesion_model builds on this module)
+
+    final = train(output_dir, steps, threads, init_from)
+    stage = lesion_model.train(str(Path(output_dir) / LESION_FOLDER), lesion_steps or lesion_model.RECIPE_STEPS,
+                               threads, main_model=final,
+                               calibration_seeds=calibration_seeds or lesion_model.CALIBRATION_PHANTOM_SEEDS)
+    shutil.copytree(stage, final / LESION_FOLDER, dirs_exist_ok=True)
+    return final
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Retrain the embedded default ESICA model from scratch.")
+    parser = argparse.ArgumentParser(description="Retrain the embedded default ESICA model and its lesion stage "
+                                                 "from scratch.")
     parser.add_argument("--out", default="runs/esica-default")
     parser.add_argument("--steps", type=int, nargs=5, default=RECIPE_STEPS,
                         metavar=("PRETRAIN", "FINETUNE", "CONTRASTIVE", "CONSOLIDATE", "FOCUS"))
+    parser.add_argument("--lesion-steps", type=int, nargs=3, metavar=("PRETRAIN", "BALANCED", "NEGATIVES"),
+                        help="the lesion stage's recipe (default: voxtext.training.lesion_model.RECIPE_STEPS)")
+    parser.add_argument("--no-lesion-stage", action="store_true", help="train the main model only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--init-from", default=None, help="continue from this checkpoint instead of from scratch")
     args = parser.parse_args(argv)
-    final = train(args.out, tuple(args.steps), args.threads, args.init_from)
+    if args.no_lesion_stage:
+        final = train(args.out, tuple(args.steps), args.threads, args.init_from)
+    else:
+        lesion_steps = tuple(args.lesion_steps) if args.lesion_steps else None
+        final = build_default(args.out, tuple(args.steps), lesion_steps, args.threads, args.init_from)
     print(f"trained model in {final}")
     return 0
 

@@ -104,14 +104,23 @@ def recipe(output_dir: str, steps: tuple[int, int, int] = RECIPE_STEPS) -> Train
     return cpu_config(output_dir, stages, seed=7)
 
 
-def train(output_dir: str, steps: tuple[int, int, int], threads: int, workers: int = 2) -> Path:
+def spawned_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes spawned, not forked: the caller may have run torch already, and a forked copy of its thread
+    pools can hang."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def train(output_dir: str, steps: tuple[int, int, int], threads: int, workers: int = 2,
+          main_model: str | Path = "default", calibration_seeds: range = CALIBRATION_PHANTOM_SEEDS) -> Path:
+    """Train the lesion stage into ``output_dir``, then calibrate its component rules on ``calibration_seeds``
+    behind ``main_model`` (whose organ masks the stage reads at inference)."""
     torch.set_num_threads(threads)
     seed_everything(7)
-    with ProcessPoolExecutor(workers) as pool:
+    with spawned_pool(workers) as pool:
         cases = list(pool.map(lesion_case, TRAIN_PHANTOM_SEEDS, chunksize=8))
     final = fit_on_cases(build_esica(LESION_CONFIG), cases, recipe(output_dir, steps))
     write_routing(final)
-    calibrate(final, workers=workers)
+    calibrate(final, calibration_seeds, workers, main_model=main_model)
     return final
 
 
@@ -130,25 +139,27 @@ def unfiltered(routing: LesionRouting) -> LesionRouting:
 
 
 @cache
-def _segmenter(lesion_folder: Path) -> Segmenter:
-    """The shipped main model with the lesion stage in ``lesion_folder``, its component rule off."""
-    segmenter = Segmenter("default", device="cpu")
+def _segmenter(lesion_folder: Path, main_model: str) -> Segmenter:
+    """``main_model`` (the shipped one: "default") with the lesion stage in ``lesion_folder``, its component rule
+    off."""
+    segmenter = Segmenter(main_model, device="cpu")
     segmenter.lesion_stage = LesionStage(lesion_folder, segmenter.device)
     segmenter.lesion_stage.routing = unfiltered(segmenter.lesion_stage.routing)
     return segmenter
 
 
-def component_table(lesion_folder: Path, seed: int, names: Sequence[str] | None = None) -> list[dict]:
+def component_table(lesion_folder: Path, seed: int, names: Sequence[str] | None = None,
+                    main_model: str = "default") -> list[dict]:
     """For one validation phantom and each lesion target (those named by their first phrasing in ``names``, or
-    all): is it present, its true volume, and the components of the lesion stage's answer, unfiltered: volume,
-    mean probability, volume on the truth, median HU and contrast to the (main model's) organ, as
-    :func:`voxtext.lesions.measure_components` measures them."""
+    all): is it present, its true volume, and the components of the lesion stage's answer behind ``main_model``,
+    unfiltered: volume, mean probability, volume on the truth, median HU and contrast to the (main model's) organ,
+    as :func:`voxtext.lesions.measure_components` measures them."""
     volume, case = acquired_phantom(seed)
     present = {t[0][0] for t in case.targets}
     targets = [t for t in LESION_TARGETS if names is None or t.phrasings[0] in names]
     organs = sorted({o for t in targets for o in t.within})
     asked = [t.phrasings[0] for t in targets]
-    result = _segmenter(lesion_folder).segment(volume, asked + organs, quality="fast", return_probabilities=True)
+    result = _segmenter(lesion_folder, main_model).segment(volume, asked + organs, quality="fast", return_probabilities=True)
     voxel_ml, rows = result.voxel_volume_ml, []
     for target, probability in zip(targets, result.probabilities):
         name = target.phrasings[0]
@@ -204,9 +215,10 @@ def best_rule(rows: list[dict]) -> ComponentRule:
 
 
 def calibrate(lesion_folder: Path, seeds: range = CALIBRATION_PHANTOM_SEEDS, workers: int = 2,
-              table: Path | None = None, names: Sequence[str] | None = None) -> list[LesionTarget]:
-    """Choose each lesion target's component rule on validation phantoms (the highest :func:`rule_score`, the
-    mildest rule among equals) and write it into the routing file, with the mean DSC the chosen rule reaches on
+              table: Path | None = None, names: Sequence[str] | None = None,
+              main_model: str | Path = "default") -> list[LesionTarget]:
+    """Choose each lesion target's component rule on validation phantoms, behind ``main_model`` (the highest
+    :func:`rule_score`, the mildest rule among equals), and write it into the routing file, with the mean DSC the chosen rule reaches on
     the phantoms that hold the lesion (a low one is a caution to users). ``table``: a JSON file keeping the
     measured components (read instead of re-running the lesion stage when it exists). ``names``: recalibrate
     only these targets (first phrasings), re-measured (their rows in ``table`` replaced); the others are kept."""
@@ -215,10 +227,9 @@ def calibrate(lesion_folder: Path, seeds: range = CALIBRATION_PHANTOM_SEEDS, wor
     rows = json.loads(Path(table).read_text()) if table is not None and Path(table).is_file() else []
     if names is not None or not rows:  # (re-)measure: all targets, or the named ones
         rows = [r for r in rows if r["target"] not in (names or ())]
-        # Spawned, not forked: the caller may have run torch already (train() just did), and a forked copy of its
-        # thread pools can hang.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for case in pool.map(component_table, [Path(lesion_folder)] * len(seeds), seeds, [names] * len(seeds)):
+        with spawned_pool(workers) as pool:
+            for case in pool.map(component_table, [Path(lesion_folder)] * len(seeds), seeds, [names] * len(seeds),
+                                 [str(main_model)] * len(seeds)):
                 rows += case
         if table is not None:
             Path(table).write_text(json.dumps(rows))
@@ -248,13 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", metavar="NAME",
                         help="with --calibrate: re-measure and recalibrate only these lesion targets (first phrasing, "
                              "e.g. 'kidney stone'); the others keep their rules")
+    parser.add_argument("--main-model", default="default",
+                        help="the main model whose organ masks the stage reads, for its calibration (a folder, or "
+                             "'default': the shipped one)")
     args = parser.parse_args(argv)
     if args.calibrate:
-        for t in calibrate(Path(args.calibrate), table=args.table, names=args.targets):
+        for t in calibrate(Path(args.calibrate), table=args.table, names=args.targets, main_model=args.main_model):
             print(f"{t.phrasings[0]}: keep components with {t.rule.describe()}; validation DSC {t.validated_dsc} "
                   f"over {t.validated_cases} phantoms")
         return 0
-    print(f"trained lesion stage in {train(args.out, tuple(args.steps), args.threads)}")
+    print(f"trained lesion stage in {train(args.out, tuple(args.steps), args.threads, main_model=args.main_model)}")
     return 0
 
 
