@@ -159,7 +159,8 @@ def component_table(lesion_folder: Path, seed: int, names: Sequence[str] | None 
     targets = [t for t in LESION_TARGETS if names is None or t.phrasings[0] in names]
     organs = sorted({o for t in targets for o in t.within})
     asked = [t.phrasings[0] for t in targets]
-    result = _segmenter(lesion_folder, main_model).segment(volume, asked + organs, quality="fast", return_probabilities=True)
+    result = _segmenter(lesion_folder, main_model).segment(volume, asked + organs, quality="fast",
+                                                           return_probabilities=True)
     voxel_ml, rows = result.voxel_volume_ml, []
     for target, probability in zip(targets, result.probabilities):
         name = target.phrasings[0]
