@@ -220,9 +220,10 @@ def calibrate(lesion_folder: Path, seeds: range = CALIBRATION_PHANTOM_SEEDS, wor
               main_model: str | Path = "default") -> list[LesionTarget]:
     """Choose each lesion target's component rule on validation phantoms, behind ``main_model`` (the highest
     :func:`rule_score`, the mildest rule among equals), and write it into the routing file, with the mean DSC the
-    chosen rule reaches on the phantoms that hold the lesion (a low one is a caution to users). ``table``: a JSON file keeping the
-    measured components (read instead of re-running the lesion stage when it exists). ``names``: recalibrate
-    only these targets (first phrasings), re-measured (their rows in ``table`` replaced); the others are kept."""
+    chosen rule reaches on the phantoms that hold the lesion (a low one is a caution to users). ``table``: a JSON
+    file keeping the measured components (read instead of re-running the lesion stage when it exists). ``names``:
+    recalibrate only these targets (first phrasings), re-measured (their rows in ``table`` replaced); the others are
+    kept."""
     path = Path(lesion_folder) / ROUTING_FILE
     routing = LesionRouting.load(path)
     rows = json.loads(Path(table).read_text()) if table is not None and Path(table).is_file() else []
